@@ -71,6 +71,22 @@ def _merge(base, other, origin: str):
         raise ConfigError(_one_line(exc, origin)) from None
 
 
+def _parse_value(raw: str) -> Any:
+    """YAML scalars and lists (`3`, `0.5`, `[1, 2]`, `true`); anything else is a string.
+
+    URIs such as `digits:` or `s3://b/x` stay strings (YAML would read a
+    trailing colon as a mapping)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        return raw
+    return raw if value is None and raw.strip() not in ("null", "~") else value
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
                 schema: type = EngineConfig) -> Any:
     """Schema defaults <- YAML file <- `key=value` overrides, type-checked.
@@ -93,7 +109,11 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value (e.g. data.channels=3)")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+        key, raw = item.split("=", 1)
+        value: Any = _parse_value(raw)
+        for part in reversed(key.strip().split(".")):
+            value = {part: value}
+        cfg = _merge(cfg, OmegaConf.create(value), f"override '{item}'")
     OmegaConf.set_readonly(cfg, False)
     return cfg
 

@@ -37,9 +37,10 @@ def create_dataset(uri: str, split: str = "train", preset: str = "eval", image_s
     fmt, url = parse_location(uri)
     if fmt != "wds":
         raise DataError(f"{uri}: create_dataset reads WebDataset shards; use create_loader for .beton files")
-    tf = build_transform(preset, image_size, crop_pct, mean, std, normalize)
-    return WebDatasetReader(url, split, transform=tf, channels=channels, shuffle_buffer=shuffle_buffer,
-                            seed=seed, rank=rank, world_size=world_size, return_key=return_key)
+    reader = WebDatasetReader(url, split, channels=channels, shuffle_buffer=shuffle_buffer,
+                              seed=seed, rank=rank, world_size=world_size, return_key=return_key)
+    reader.transform = build_transform(preset, image_size, crop_pct, mean, std, normalize)
+    return reader
 
 
 def create_loader(uri: str, batch_size: int, split: str = "train", preset: str = "eval",

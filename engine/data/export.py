@@ -113,8 +113,8 @@ def _prepare_dest(dest: str, overwrite: bool) -> None:
         entries = list(os.scandir(dest))
         for e in entries:
             if e.is_dir(follow_symlinks=False) and not _looks_like_class_folder(e.path):
-                raise DataError(f"{e.path}: holds more than images, so {dest} does not look like an "
-                                f"ImageFolder export (refusing to clear it; remove it yourself or use another DEST)")
+                raise DataError(f"{e.path}: holds more than images, so {dest} does not look like an ImageFolder "
+                                f"export (refusing to clear it; remove it yourself or use another DEST)")
         for e in entries:
             if e.is_dir(follow_symlinks=False):
                 shutil.rmtree(e.path)
@@ -183,9 +183,7 @@ def export_imagefolder(source: Source, dest: str, size: int | None = None, fmt: 
             if not 0 <= s.label < len(folders):
                 raise DataError(f"{source.describe()}: sample {s.key} has label {s.label} outside "
                                 f"0..{len(folders) - 1}")
-            where = (os.path.join(source.location, s.key) if source.name == "imagefolder"
-                     else f"{source.describe()}#{s.key}")
-            data = _encode(decode_image(s.data, where), size, fmt, int(quality))
+            data = _encode(decode_image(s.data, source.where(s.key)), size, fmt, int(quality))
             if counts[s.label] == 0:  # folders only for classes that get images (readers reject empty ones)
                 os.makedirs(os.path.join(dest, folders[s.label]), exist_ok=True)
             _write_atomic(os.path.join(dest, folders[s.label], f"{i:0{width}d}.{fmt}"), data)
@@ -197,5 +195,6 @@ def export_imagefolder(source: Source, dest: str, size: int | None = None, fmt: 
     meta = {"classes": list(source.classes), "folders": folders}
     _write_atomic(os.path.join(dest, CLASSES), (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     return {"num_samples": len(indices), "num_classes": sum(1 for c in counts if c), "dest": dest,
-            "format": fmt, "size": size, "per_class": {folders[c]: counts[c] for c in range(len(folders)) if counts[c]},
+            "format": fmt, "size": size,
+            "per_class": {folders[c]: counts[c] for c in range(len(folders)) if counts[c]},
             "source": source.describe()}

@@ -20,7 +20,7 @@ import torch
 from .. import store
 from ..errors import DataError
 from .sources import Source, decode_image
-from .transforms import PRESETS, Normalize, eval_resize, to_channels
+from .transforms import PRESETS, eval_resize, normalizer, to_channels
 
 WRITE_MODES = ("auto", "raw", "jpg", "smart")
 
@@ -30,18 +30,27 @@ def sidecar(path: str) -> str:
 
 
 class _AsRGB:
-    """Index -> (HWC uint8 RGB array, label) for ffcv's DatasetWriter."""
+    """Index -> (HWC uint8 RGB array, label) for ffcv's DatasetWriter.
 
-    def __init__(self, source: Source, max_res: int | None):
-        self.source, self.max_res = source, max_res
+    ffcv's writer waits forever when a worker process raises, so an image that
+    cannot be decoded is logged to `bad_log` (one line per image, appended by
+    whichever worker met it) and replaced by a placeholder; the caller then
+    discards the file and reports the log."""
+
+    def __init__(self, source: Source, bad_log: str):
+        self.source, self.bad_log = source, bad_log
 
     def __len__(self):
         return len(self.source)
 
     def __getitem__(self, i):
         s = self.source[i]
-        where = f"{self.source.location}/{s.key}" if self.source.name == "imagefolder" else f"{self.source.describe()}#{s.key}"
-        im = decode_image(s.data, where).convert("RGB")
+        try:
+            im = decode_image(s.data, self.source.where(s.key)).convert("RGB")
+        except DataError as exc:
+            with open(self.bad_log, "a") as f:
+                f.write(f"{exc}\n")
+            return np.zeros((1, 1, 3), np.uint8), s.label
         return np.asarray(im), s.label
 
 
@@ -69,22 +78,27 @@ def write_ffcv(source: Source, dest: str, max_res: int | None = None, jpeg_quali
     if not 1 <= jpeg_quality <= 100:
         raise DataError(f"--jpeg-quality: expected 1-100, got {jpeg_quality}")
     mode = _auto_mode(source) if write_mode == "auto" else write_mode
-    # Check every image up front (labels, decodability) so a bad file fails before writing.
     counts = collections.Counter(source.label(i) for i in range(len(source)))
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     tmp = f"{dest}{store.TMP_MARK}{os.getpid()}"
     t0 = time.time()
     fields = {"image": RGBImageField(write_mode=mode, max_resolution=max_res, jpeg_quality=jpeg_quality),
               "label": IntField()}
+    bad_log = tmp + ".bad"
     try:
         writer = DatasetWriter(tmp, fields, num_workers=max(1, workers))
         if not show_progress:
             os.environ.setdefault("TQDM_DISABLE", "1")
-        writer.from_indexed_dataset(_AsRGB(source, max_res))
+        writer.from_indexed_dataset(_AsRGB(source, bad_log))
+        if os.path.exists(bad_log):
+            with open(bad_log) as f:
+                bad = f.read().splitlines()
+            raise DataError(f"{bad[0]} ({len(bad)} unreadable image(s); {dest} not written)")
         os.replace(tmp, dest)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for p in (tmp, bad_log):
+            if os.path.exists(p):
+                os.remove(p)
     meta = {"format": "ffcv", "version": 1, "num_samples": len(source), "classes": list(source.classes),
             "per_class": {source.classes[c]: int(counts.get(c, 0)) for c in range(len(source.classes))},
             "source": source.describe(), "write_mode": mode, "max_res": max_res,
@@ -142,7 +156,7 @@ class FFCVReader:
                              pipelines={"image": dec + [ToTensor(), ToTorchImage(channels_last=False)],
                                         "label": [IntDecoder(), ToTensor(), Squeeze(1)]})
         self.channels, self.normalize = channels, normalize
-        self.norm = Normalize(mean, std) if normalize else None
+        self.norm = normalizer(mean, std) if normalize else None
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -152,7 +166,7 @@ class FFCVReader:
         for images, labels in self.loader:
             x = to_channels(images, self.channels)
             if self.norm is not None:
-                x = self.norm(x.float().div_(255))
+                x = self.norm(x)
             elif x is images:
                 x = x.clone()
             yield x, labels.to(torch.int64, copy=True)

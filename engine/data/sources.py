@@ -67,6 +67,10 @@ class Source:
     def describe(self) -> str:
         return f"{self.name}:{self.location}"
 
+    def where(self, key: str) -> str:
+        """How error messages name one sample (a file path for ImageFolder)."""
+        return f"{self.describe()}#{key}"
+
 
 class ArraySource(Source):
     """Images held in memory as uint8 arrays (N, H, W) or (N, H, W, 3)."""
@@ -164,6 +168,9 @@ class ImageFolderSource(Source):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def where(self, key: str) -> str:
+        return os.path.join(self.location, key)
 
     def label(self, i: int) -> int:
         return self.files[i][1]

@@ -20,18 +20,29 @@ def eval_resize(size: int, crop_pct: float) -> int:
     return int(round(size / crop_pct))
 
 
+def image_size_ok(size) -> bool:
+    return isinstance(size, int) and size > 0
+
+
 def build_transform(preset: str, size: int, crop_pct: float = 0.875, mean=None, std=None,
                     normalize: bool = True, scale=(0.08, 1.0)):
     if preset not in PRESETS:
         raise ConfigError(f"data preset '{preset}': expected one of {', '.join(PRESETS)}")
+    if preset != "raw" and not image_size_ok(size):
+        raise ConfigError(f"data.image_size: a positive size is needed for preset '{preset}', got {size}")
     ops: list = []
     if preset == "train":
         ops += [v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True), v2.RandomHorizontalFlip()]
     elif preset == "eval":
         ops += [v2.Resize(eval_resize(size, crop_pct), antialias=True), v2.CenterCrop(size)]
     if normalize:
-        ops += [v2.ToDtype(torch.float32, scale=True), Normalize(mean, std)]
+        ops.append(normalizer(mean, std))
     return v2.Compose(ops) if ops else None
+
+
+def normalizer(mean, std):
+    """uint8 -> float [0, 1] -> (x - mean) / std, for one image or a batch (both readers)."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), Normalize(mean, std)])
 
 
 class Normalize(torch.nn.Module):

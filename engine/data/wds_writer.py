@@ -53,25 +53,27 @@ def _write_one(url: str, indices: np.ndarray, skip_bad: bool, metadata: bool, of
     written = 0
     with store.atomic_open(url, "wb") as f:
         sink = wds.TarWriter(f, encoder=False, mtime=0.0)
-        for j, i in enumerate(indices):
-            s = src[int(i)]
-            try:
-                im = decode_image(s.data, f"{src.location}/{s.key}" if src.name == "imagefolder" else f"{src.describe()}#{s.key}")
-            except DataError:
-                if not skip_bad:
-                    raise
-                skipped.append(s.key)
-                continue
-            key = f"{offset + j:09d}"
-            sample = {"__key__": key, s.ext: s.data, "cls": str(s.label).encode()}
-            if metadata:
-                sample["json"] = json.dumps({"source_key": s.key, "label": s.label,
-                                             "width": im.width, "height": im.height, "mode": im.mode}).encode()
-            sink.write(sample)
-            counts[s.label] += 1
-            sizes[f"{im.width}x{im.height}"] += 1
-            written += 1
-        sink.close()
+        try:
+            for j, i in enumerate(indices):
+                s = src[int(i)]
+                try:
+                    im = decode_image(s.data, src.where(s.key))
+                except DataError:
+                    if not skip_bad:
+                        raise
+                    skipped.append(s.key)
+                    continue
+                key = f"{offset + j:09d}"
+                sample = {"__key__": key, s.ext: s.data, "cls": str(s.label).encode()}
+                if metadata:
+                    sample["json"] = json.dumps({"source_key": s.key, "label": s.label,
+                                                 "width": im.width, "height": im.height, "mode": im.mode}).encode()
+                sink.write(sample)
+                counts[s.label] += 1
+                sizes[f"{im.width}x{im.height}"] += 1
+                written += 1
+        finally:
+            sink.close()  # on failure the temporary file is discarded anyway
     return {"num_samples": written, "per_class": dict(counts), "sizes": dict(sizes), "skipped": skipped}
 
 

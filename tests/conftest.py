@@ -1,0 +1,48 @@
+import io
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("ENGINE_NO_PROGRESS", "1")
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def write_image_folder(root: Path, classes=("n01440764", "n01443537", "n01484850"), per_class=7,
+                       size=(12, 10), mode="RGB", ext="png", seed=0) -> dict:
+    """A tiny ImageFolder tree of random images; returns {relative path: (pixels, label)}."""
+    rng = np.random.default_rng(seed)
+    truth = {}
+    for ci, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+            arr = rng.integers(0, 256, shape, dtype=np.uint8)
+            p = root / c / f"img_{k:03d}.{ext}"
+            Image.fromarray(arr, mode=mode).save(p, quality=95)
+            truth[f"{c}/{p.name}"] = (np.asarray(Image.open(p).convert(mode)), ci)
+    return truth
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "imagefolder"
+    truth = write_image_folder(root)
+    return root, truth
+
+
+def run_tool(*args, cwd=ROOT, timeout=300):
+    import subprocess
+
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "ENGINE_NO_PROGRESS": "1"})
+
+
+def png_bytes(arr) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
