@@ -48,11 +48,102 @@ class DataConfig:
 
 
 @dataclass
+class ModelConfig:
+    """Arguments of engine.models.create_model (besides classes and channels)."""
+    name: str = "resnet18"
+    small_input: bool = True  # 3x3 stride-1 stem, no max-pool (28-64 px data)
+    width: int = 16  # ResNet stage widths width x (1, 2, 4, 8); 64 = the standard ResNet
+
+
+@dataclass
+class TeacherConfig:
+    """Squeeze: `ssl` (SimCLR pretraining + linear probe), `supervised`, or `checkpoint`."""
+    mode: str = "ssl"
+    checkpoint: str = ""  # path or URL of a user's checkpoint (mode=checkpoint)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 2  # supervised epochs
+    lr: float = 0.05  # supervised: SGD momentum 0.9, cosine
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    ssl_epochs: int = 3
+    ssl_lr: float = 0.3
+    ssl_temperature: float = 0.2
+    ssl_proj_dim: int = 128
+    probe_epochs: int = 3  # linear probe on frozen features (SGD, cosine)
+    probe_lr: float = 0.1
+    finetune_epochs: int = 0  # optional short fine-tune of the whole net after the probe
+    finetune_lr: float = 0.01
+    train_limit: int = 0  # use only the first N training samples (0: all)
+
+
+@dataclass
+class ScddConfig:
+    """SC-DD / SRe2L recovery (METHODS.md section 1)."""
+    iterations: int = 1000
+    lr: float = 0.25
+    adam_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    r_bn: float = 0.01
+    first_bn_multiplier: float = 10.0
+    random_resized_crop: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
+    flip: bool = True
+    jitter: int = 4  # random roll in pixels
+    init: str = "noise"  # noise | real
+    init_lr: float = 0.05  # Adam lr when starting from real images
+    amp: bool = True  # bf16 autocast where the device supports it (CUDA)
+    channels_last: bool = True  # where the device benefits (CUDA)
+    log_every: int = 50
+
+
+@dataclass
+class SynthConfig:
+    ipc: int = 10
+    class_block: int = 10  # classes per recovery batch (one image per class)
+    ipc_per_unit: int = 10  # IPC indices per unit of work (several share one forward pass)
+    scdd: ScddConfig = field(default_factory=ScddConfig)
+
+
+@dataclass
+class RelabelConfig:
+    """Soft labels: `online` (teacher runs during post-training on a replayable crop
+    stream) or `stored` (per epoch: crop parameters + top-k fp16 logits)."""
+    mode: str = "online"
+    top_k: int = 10
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    flip: bool = True
+    mix: str = "none"  # none | cutmix | mixup
+    cutmix_alpha: float = 1.0
+    mixup_alpha: float = 0.8
+
+
+@dataclass
+class EvalConfig:
+    student: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 300
+    batch_size: int = 50
+    optimizer: str = "adamw"
+    lr: float = 0.001
+    weight_decay: float = 0.01  # not applied to BN and bias
+    temperature: float = 4.0
+    seeds: list[int] = field(default_factory=lambda: [0])
+    random_real: bool = True  # train the random-real control too
+    full_data_epochs: int = 0  # >0: also train the student on the full data (reference)
+    val_limit: int = 0  # validate on the first N samples only (0: all)
+
+
+@dataclass
 class EngineConfig:
     name: str = "demo"
     seed: int = 0
     method: str = "scdd"
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch threads (0: the CPUs this process may use)
     data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    relabel: RelabelConfig = field(default_factory=RelabelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _one_line(exc: OmegaConfBaseException, origin: str) -> str:
