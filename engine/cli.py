@@ -16,7 +16,7 @@ from .errors import EngineError, run_guarded
 # stage -> (what it does, the issue that brings it, or None when it is implemented)
 STAGES = {
     "prepare": ("build train/val shards (WebDataset + FFCV) from the configured raw source", None),
-    "squeeze": ("train or load the teacher (supervised or self-supervised + probe)", 3),
+    "squeeze": ("train or load the teacher (supervised or self-supervised + probe)", None),
     "experts": ("train expert trajectories for trajectory matching (TESLA)", 5),
     "synthesize": ("distil images: SC-DD recovery, TESLA, DataDAM, RDED units", 3),
     "relabel": ("soft labels for the distilled images (stored mode)", 3),
@@ -65,6 +65,20 @@ def stage_prepare(cfg, out: str, quiet: bool) -> dict:
     return res
 
 
+def stage_squeeze(cfg, out: str, quiet: bool) -> dict:
+    from .prepare import prepared_locations
+    from .runtime import pick_device, set_threads
+    from .teacher import run_squeeze
+
+    set_threads(cfg.threads)
+    res = run_squeeze(cfg, out, prepared_locations(cfg, out), pick_device(cfg.device), show_progress=not quiet)
+    m = res["manifest"]
+    print(f"squeeze: {'skipped, exists' if res['skipped'] else 'done'}; teacher {m['model']['name']} "
+          f"({m['mode']}): val top-1 {m['val']['top1']:.2f}%, top-5 {m['val']['top5']:.2f}% "
+          f"[{m['timing_s']} s]")
+    return res
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if not args.stage:
@@ -80,6 +94,8 @@ def _dispatch(args) -> None:
     cfg = load_config(args.config, args.overrides)
     store.check_writable(args.out)
     save_resolved_config(cfg, args.out)
+    if args.stage == "squeeze":
+        stage_squeeze(cfg, args.out, args.quiet)
     if args.stage in ("prepare", "run"):
         res = stage_prepare(cfg, args.out, args.quiet)
         if args.stage == "run":

@@ -76,3 +76,21 @@ def loader_from_config(data_cfg, uri: str, split: str, train: bool, rank=None, w
                          mean=list(data_cfg.mean), std=list(data_cfg.std), shuffle=train,
                          shuffle_buffer=data_cfg.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
                          num_workers=data_cfg.num_workers)
+
+
+def shard_info(uri: str, split: str = "train") -> dict:
+    """num_samples and classes of a shard location without reading any image."""
+    fmt, url = parse_location(uri)
+    if fmt == "ffcv":
+        from .ffcv_io import read_meta
+
+        m = read_meta(url)
+        return {"num_samples": int(m["num_samples"]), "classes": m["classes"],
+                "labels_per_class": m["per_class"]}
+    from .wds_writer import read_index
+
+    index, classes = read_index(url)
+    if split not in index["splits"]:
+        raise DataError(f"{url}: no split '{split}' (has: {', '.join(index['splits']) or 'none'})")
+    e = index["splits"][split]
+    return {"num_samples": int(e["num_samples"]), "classes": classes, "labels_per_class": e["per_class"]}
