@@ -6,8 +6,8 @@ Stages run alone or chained by `run`; each reads and writes artifacts under
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import time
 
 from . import __version__, store
 from .config import load_config, to_yaml
@@ -18,9 +18,9 @@ STAGES = {
     "prepare": ("build train/val shards (WebDataset + FFCV) from the configured raw source", None),
     "squeeze": ("train or load the teacher (supervised or self-supervised + probe)", None),
     "experts": ("train expert trajectories for trajectory matching (TESLA)", 5),
-    "synthesize": ("distil images: SC-DD recovery, TESLA, DataDAM, RDED units", 3),
-    "relabel": ("soft labels for the distilled images (stored mode)", 3),
-    "evaluate": ("train students on distilled and random-real sets, write results.json", 3),
+    "synthesize": ("distil images (SC-DD recovery; TESLA, DataDAM, RDED in later issues) into distilled/", None),
+    "relabel": ("soft labels for the distilled images (stored mode)", None),
+    "evaluate": ("train students on distilled and random-real sets, write results.json", None),
     "run": ("the whole pipeline, skipping stages whose artifacts exist", None),
 }
 
@@ -94,15 +94,64 @@ def _dispatch(args) -> None:
     cfg = load_config(args.config, args.overrides)
     store.check_writable(args.out)
     save_resolved_config(cfg, args.out)
-    if args.stage == "squeeze":
-        stage_squeeze(cfg, args.out, args.quiet)
-    if args.stage in ("prepare", "run"):
-        res = stage_prepare(cfg, args.out, args.quiet)
-        if args.stage == "run":
-            # Later issues chain squeeze -> synthesize -> relabel -> evaluate here.
-            summary = {"stages": {"prepare": "skipped" if res["skipped"] else "done"},
-                       "pending": [s for s, (_, i) in STAGES.items() if i is not None]}
-            print(json.dumps(summary))
+    quiet, out = args.quiet, args.out
+    if args.stage == "prepare":
+        stage_prepare(cfg, out, quiet)
+    elif args.stage == "squeeze":
+        stage_squeeze(cfg, out, quiet)
+    elif args.stage in ("synthesize", "relabel", "evaluate"):
+        STAGE_FUNCS[args.stage](cfg, out, quiet)
+    elif args.stage == "run":
+        t0 = time.time()
+        stage_prepare(cfg, out, quiet)
+        stage_squeeze(cfg, out, quiet)
+        for name in ("synthesize", "relabel", "evaluate"):
+            STAGE_FUNCS[name](cfg, out, quiet)
+        print(f"run: done in {time.time() - t0:.0f} s; results in {store.join(out, 'results.json')}, "
+              f"preview in {store.join(out, 'preview.png')}")
+
+
+def _env(cfg, out):
+    from .prepare import prepared_locations
+    from .runtime import pick_device, set_threads
+
+    set_threads(cfg.threads)
+    return prepared_locations(cfg, out), pick_device(cfg.device)
+
+
+def stage_synthesize(cfg, out: str, quiet: bool) -> dict:
+    from .pipeline import run_synthesize
+
+    locs, device = _env(cfg, out)
+    res = run_synthesize(cfg, out, locs, device, show_progress=not quiet)
+    if res["skipped"]:
+        print("synthesize: skipped, distilled/ exists")
+    else:
+        u = res["units"]
+        print(f"synthesize: {res['num_images']} images from {u['units']} units ({u['ran']} run, "
+              f"{u['skipped']} already done) in {u['seconds']} s -> {res['dest']}")
+    return res
+
+
+def stage_relabel(cfg, out: str, quiet: bool) -> dict:
+    from .pipeline import run_relabel
+
+    locs, device = _env(cfg, out)
+    res = run_relabel(cfg, out, locs, device, show_progress=not quiet)
+    print("relabel: " + (f"skipped ({res['reason']})" if res["skipped"] else f"stored labels -> {res['url']}"))
+    return res
+
+
+def stage_evaluate(cfg, out: str, quiet: bool) -> dict:
+    from .pipeline import results_table, run_evaluate
+
+    locs, device = _env(cfg, out)
+    res = run_evaluate(cfg, out, locs, device, show_progress=not quiet)
+    print(results_table(res))
+    return res
+
+
+STAGE_FUNCS = {"synthesize": stage_synthesize, "relabel": stage_relabel, "evaluate": stage_evaluate}
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ def test_help_lists_every_stage():
 
 
 def test_unbuilt_stage_is_a_clear_error(tmp_path, capsys):
-    rc = main(["squeeze", "--out", str(tmp_path)])
+    rc = main(["experts", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "not built yet" in err and "issue 3" in err
+    assert rc == 2 and "not built yet" in err and "issue 5" in err
 
 
 def test_prepare_writes_shards_config_and_manifest_then_skips(tmp_path, capsys):

@@ -1,0 +1,189 @@
+"""The stages after prepare/squeeze, as plain functions of (config, out):
+synthesize -> relabel -> evaluate. Each reads its inputs from the store and
+writes its artifact there; `run` chains them and skips finished ones."""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from . import store
+from .cluster.local import run_units_local
+from .cluster.merge import DISTILLED, merge_distilled, read_distilled
+from .cluster.plan import plan_units
+from .config import config_hash
+from .data import loader_from_config, shard_info
+from .data.realsets import load_images, pick_per_class, scan_labels
+from .errors import EngineError
+from .preview import preview_grid
+from .teacher import load_teacher
+
+METHODS = ("scdd",)
+
+
+def _classes(cfg, locs) -> list[str]:
+    return shard_info(locs["train"], cfg.data.train_split)["classes"]
+
+
+def real_init(cfg, locs, unit, labels_cache) -> torch.Tensor:
+    """Real starting images for a unit: distinct per (class, IPC index), a seeded choice."""
+    keys, labels = labels_cache()
+    picks = pick_per_class(labels, unit.classes, cfg.synth.ipc, cfg.seed, "scdd-init")
+    chosen = [keys[picks[c][i]] for c in unit.classes for i in range(unit.ipc_start, unit.ipc_end)]
+    imgs = load_images(locs["train"], cfg.data.train_split, chosen, cfg.data.channels)
+    return torch.stack([imgs[k] for k in chosen]), chosen
+
+
+def run_synthesize(cfg, out: str, locs: dict, device, show_progress: bool = True) -> dict:
+    from .synth.scdd import recover
+
+    if cfg.method not in METHODS:
+        raise EngineError(f"config key 'method': expected one of {', '.join(METHODS)}, got '{cfg.method}'")
+    classes = _classes(cfg, locs)
+    dest = store.join(out, DISTILLED)
+    settings_hash = config_hash({"synth": cfg.synth, "seed": cfg.seed, "method": cfg.method})
+    if store.exists(store.join(dest, store.MANIFEST)):
+        m = store.read_json(store.join(dest, store.MANIFEST))
+        if m.get("settings_hash") == settings_hash:
+            return {"skipped": True, "manifest": m}
+        raise EngineError(f"{dest}: made with other synthesis settings; use another --out or delete it")
+    teacher, tman = load_teacher(out, len(classes), device)
+    units = plan_units("synthesize", len(classes), cfg.synth.ipc, cfg.synth.class_block, cfg.synth.ipc_per_unit)
+    cache: dict = {}
+
+    def labels_cache():
+        if "labels" not in cache:
+            cache["labels"] = scan_labels(locs["train"], cfg.data.train_split)
+        return cache["labels"]
+
+    def work(unit):
+        init, init_keys = (None, None)
+        if cfg.synth.scdd.init == "real":
+            init, init_keys = real_init(cfg, locs, unit, labels_cache)
+        res = recover(teacher, unit.classes, (unit.ipc_start, unit.ipc_end), cfg.synth.scdd, list(cfg.data.mean),
+                      list(cfg.data.std), cfg.data.image_size, cfg.data.channels, cfg.seed, device,
+                      init_images=init)
+        info = {"seed": cfg.seed, "losses": res["losses"], "init_keys": init_keys,
+                "teacher_agreement": _agreement(teacher, res["images"], res["labels"], cfg, device)}
+        if init is not None:
+            info["mean_abs_pixel_change"] = round(float((res["images"].float() - init.float()).abs().mean()), 3)
+        return {"images": res["images"], "labels": res["labels"]}, info
+
+    t0 = time.time()
+    ran = run_units_local(out, units, work, show_progress=show_progress)
+    merged = merge_distilled(out, units, classes, cfg.synth.ipc,
+                             {"method": cfg.method, "settings_hash": settings_hash, "seed": cfg.seed,
+                              "channels": cfg.data.channels, "teacher": tman["model"], "units": ran,
+                              "timing_s": round(time.time() - t0, 1), "config_hash": config_hash(cfg)})
+    images, labels, names = read_distilled(out)
+    preview_grid(images, labels, names, store.join(out, "preview.png"), per_class=min(cfg.synth.ipc, 8),
+                 title=f"{cfg.method}: IPC {cfg.synth.ipc}")
+    return {"skipped": False, **merged, "units": ran,
+            "manifest": store.read_json(store.join(dest, store.MANIFEST))}
+
+
+@torch.no_grad()
+def _agreement(teacher, images_u8, labels, cfg, device) -> float:
+    from .labels.crops import normalise_images
+
+    x = normalise_images(images_u8, list(cfg.data.mean), list(cfg.data.std)).to(device)
+    pred = teacher(x).argmax(1).cpu()
+    return round(float((pred == labels).float().mean()), 4)
+
+
+def run_relabel(cfg, out: str, locs: dict, device, show_progress: bool = True) -> dict:
+    """Stored mode: per epoch crop parameters + top-k logits of the distilled set (and the control)."""
+    from .labels.relabel import load_labels, relabel_stored, save_labels
+
+    if cfg.relabel.mode != "stored":
+        return {"skipped": True, "reason": f"relabel.mode={cfg.relabel.mode}: the teacher runs online"}
+    url = store.join(out, "labels", "distilled.pt")
+    if store.exists(url):
+        return {"skipped": True, "reason": "exists", "url": url}
+    images, labels, names = read_distilled(out)
+    teacher, _ = load_teacher(out, len(names), device)
+    lab = relabel_stored(teacher, images, list(cfg.data.mean), list(cfg.data.std), cfg.eval.epochs,
+                         cfg.eval.batch_size, cfg.seed, cfg.relabel, device, progress=show_progress)
+    save_labels(url, lab)
+    load_labels(url)  # read back: the artifact is usable
+    return {"skipped": False, "url": url}
+
+
+def random_real_set(cfg, locs, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    keys, labels = scan_labels(locs["train"], cfg.data.train_split)
+    picks = pick_per_class(labels, list(range(num_classes)), cfg.synth.ipc, cfg.seed, "random_real")
+    chosen = [keys[i] for c in range(num_classes) for i in picks[c]]
+    imgs = load_images(locs["train"], cfg.data.train_split, chosen, cfg.data.channels)
+    return (torch.stack([imgs[k] for k in chosen]),
+            torch.tensor([c for c in range(num_classes) for _ in picks[c]]), chosen)
+
+
+def run_evaluate(cfg, out: str, locs: dict, device, show_progress: bool = True) -> dict:
+    from .evaluate import evaluate_sets
+    from .labels.relabel import load_labels
+
+    images, labels, names = read_distilled(out)
+    teacher, tman = load_teacher(out, len(names), device)
+    real = random_real_set(cfg, locs, len(names)) if cfg.eval.random_real else None
+    stored = None
+    if cfg.relabel.mode == "stored":
+        stored = {"distilled": load_labels(store.join(out, "labels", "distilled.pt"))}
+
+    def val_loader():
+        return loader_from_config(cfg.data, locs["val"], cfg.data.val_split, train=False)
+
+    t0 = time.time()
+    results = evaluate_sets(images, labels, teacher, cfg, device, val_loader,
+                            random_real=(real[0], real[1]) if real else None, num_classes=len(names),
+                            label_mode=cfg.relabel.mode, stored=stored, method=cfg.method, ipc=cfg.synth.ipc,
+                            progress=show_progress)
+    results["teacher"] = {**results.get("teacher", {}), **{k: tman["val"][k] for k in ("top1", "top5")},
+                          "mode": tman["mode"], "model": tman["model"]["name"]}
+    dman = store.read_json(store.join(out, DISTILLED, store.MANIFEST))
+    results["synthesis"] = {"teacher_agreement": _mean_unit(out, "teacher_agreement"),
+                            "units": dman.get("units")}
+    results["random_real_keys"] = real[2] if real else None
+    timing = results.setdefault("timing_s", {})
+    timing["evaluate"] = round(time.time() - t0, 1)
+    for stage, path in (("squeeze", "teacher"), ("synthesize", DISTILLED)):
+        m = store.read_json(store.join(out, path, store.MANIFEST))
+        timing[stage] = m.get("timing_s")
+    store.write_json(store.join(out, "results.json"), results)
+    return results
+
+
+def _mean_unit(out: str, key: str):
+    base = store.join(out, "units", "synthesize")
+    vals = []
+    for name in store.listdir(base):
+        m = store.read_json(store.join(base, name, store.MANIFEST))
+        if m.get(key) is not None:
+            vals.append(m[key])
+    return round(sum(vals) / len(vals), 4) if vals else None
+
+
+def results_table(results: dict) -> str:
+    """A short markdown table of results.json."""
+    def row(name, d):
+        if not d:
+            return None
+        mean = d.get("top1_mean", d.get("top1"))
+        std = d.get("top1_std")
+        return f"| {name} | {mean:.2f}" + (f" +- {std:.2f}" if std is not None else "") + \
+            f" | {d.get('top5', float('nan')):.2f} |"
+
+    lines = [f"{results.get('method')} IPC {results.get('ipc')}, {results.get('num_classes')} classes, "
+             f"labels {results['protocol']['label_mode']}", "| set | top-1 % | top-5 % |", "|---|---:|---:|"]
+    for name, key in (("teacher", "teacher"), ("full data", "full_data"), ("distilled", "distilled"),
+                      ("random real", "random_real")):
+        r = row(name, results.get(key))
+        if r:
+            lines.append(r)
+    if results.get("gain_over_random") is not None:
+        lines.append(f"gain over random real: {results['gain_over_random']:+.2f} points")
+    return "\n".join(lines)
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2)
