@@ -73,7 +73,7 @@ class TeacherConfig:
     probe_lr: float = 0.1
     finetune_epochs: int = 0  # optional short fine-tune of the whole net after the probe
     finetune_lr: float = 0.01
-    train_limit: int = 0  # use only the first N training samples (0: all)
+    ssl_train_limit: int = 0  # SimCLR sees only the first N (shuffled) samples per epoch (0: all)
 
 
 @dataclass

@@ -57,7 +57,7 @@ def _limited(loader, limit: int):
 def train_supervised(model, cfg, locs, device, show_progress=True) -> list[dict]:
     t = cfg.teacher
     n = shard_info(locs["train"], cfg.data.train_split)["num_samples"]
-    steps = _steps(n, t.train_limit, t.batch_size) * t.epochs
+    steps = _steps(n, 0, t.batch_size) * t.epochs
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
     sched = _cosine(opt, steps)
     history = []
@@ -68,7 +68,7 @@ def train_supervised(model, cfg, locs, device, show_progress=True) -> list[dict]
                                mean=list(cfg.data.mean), std=list(cfg.data.std), shuffle=True,
                                shuffle_buffer=cfg.data.shuffle_buffer, seed=derive_seed(cfg.seed, "teacher", epoch),
                                num_workers=cfg.data.num_workers)
-        bar = progress(_limited(loader, t.train_limit), total=_steps(n, t.train_limit, t.batch_size),
+        bar = progress(loader, total=_steps(n, 0, t.batch_size),
                        desc=f"teacher supervised {epoch + 1}/{t.epochs}", unit="batch", disable=not show_progress)
         total, count = 0.0, 0
         for x, y in bar:
@@ -89,7 +89,7 @@ def train_simclr(model, cfg, locs, device, show_progress=True) -> list[dict]:
     n = shard_info(locs["train"], cfg.data.train_split)["num_samples"]
     head = ProjectionHead(feature_dim(model), t.ssl_proj_dim).to(device)
     params = list(model.parameters()) + list(head.parameters())
-    steps = _steps(n, t.train_limit, t.batch_size) * t.ssl_epochs
+    steps = _steps(n, t.ssl_train_limit, t.batch_size) * t.ssl_epochs
     opt = torch.optim.SGD(params, lr=t.ssl_lr, momentum=0.9, weight_decay=t.weight_decay)
     sched = _cosine(opt, steps)
     aug = view_augment(cfg.data.image_size, cfg.data.channels)
@@ -102,7 +102,7 @@ def train_simclr(model, cfg, locs, device, show_progress=True) -> list[dict]:
                                channels=cfg.data.channels, normalize=False, shuffle=True,
                                shuffle_buffer=cfg.data.shuffle_buffer, seed=derive_seed(cfg.seed, "ssl", epoch),
                                num_workers=cfg.data.num_workers, image_size=cfg.data.image_size)
-        bar = progress(_limited(loader, t.train_limit), total=_steps(n, t.train_limit, t.batch_size),
+        bar = progress(_limited(loader, t.ssl_train_limit), total=_steps(n, t.ssl_train_limit, t.batch_size),
                        desc=f"teacher simclr {epoch + 1}/{t.ssl_epochs}", unit="batch", disable=not show_progress)
         total, count = 0.0, 0
         for x, _ in bar:  # labels deliberately unused
@@ -126,7 +126,7 @@ def linear_probe(model, cfg, locs, device, show_progress=True) -> list[dict]:
     loader = loader_from_config(cfg.data, locs["train"], cfg.data.train_split, train=False)
     feats, labels = [], []
     with torch.no_grad():
-        for x, y in progress(_limited(loader, t.train_limit), desc="probe features", unit="batch",
+        for x, y in progress(loader, desc="probe features", unit="batch",
                              disable=not show_progress):
             feats.append(pooled_features(model, x.to(device)).cpu())
             labels.append(y)
