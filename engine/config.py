@@ -36,6 +36,7 @@ class DataConfig:
     image_size: int = 28
     crop_pct: float = 1.0  # eval preset: resize to size/crop_pct, centre-crop size
     train_preset: str = "train"  # train | eval | raw
+    train_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random resized crop area range
     eval_preset: str = "eval"
     mean: list[float] = field(default_factory=lambda: [0.2860])
     std: list[float] = field(default_factory=lambda: [0.3530])

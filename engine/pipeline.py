@@ -138,6 +138,8 @@ def run_evaluate(cfg, out: str, locs: dict, device, show_progress: bool = True) 
                             random_real=(real[0], real[1]) if real else None, num_classes=len(names),
                             label_mode=cfg.relabel.mode, stored=stored, method=cfg.method, ipc=cfg.synth.ipc,
                             progress=show_progress)
+    if cfg.eval.full_data_epochs:
+        results["full_data"] = full_data_reference(cfg, locs, len(names), device, show_progress)
     results["teacher"] = {**results.get("teacher", {}), **{k: tman["val"][k] for k in ("top1", "top5")},
                           "mode": tman["mode"], "model": tman["model"]["name"]}
     dman = store.read_json(store.join(out, DISTILLED, store.MANIFEST))
@@ -151,6 +153,27 @@ def run_evaluate(cfg, out: str, locs: dict, device, show_progress: bool = True) 
         timing[stage] = m.get("timing_s")
     store.write_json(store.join(out, "results.json"), results)
     return results
+
+
+def full_data_reference(cfg, locs, num_classes: int, device, show_progress: bool = True) -> dict:
+    """The student architecture trained on all training data with hard labels (the teacher's recipe)."""
+    from .metrics import accuracy
+    from .models import create_model
+    from .seeding import derive_seed
+    from .teacher.squeeze import train_supervised
+
+    ref = cfg.copy()
+    ref.teacher.epochs = cfg.eval.full_data_epochs
+    s = cfg.eval.student
+    torch.manual_seed(derive_seed(cfg.seed, "full-data-student"))
+    model = create_model(s.name, num_classes, in_chans=cfg.data.channels, small_input=s.small_input,
+                         width=s.width, image_size=cfg.data.image_size).to(device)
+    t0 = time.time()
+    train_supervised(model, ref, locs, device, show_progress)
+    val = accuracy(model, loader_from_config(cfg.data, locs["val"], cfg.data.val_split, train=False), device,
+                   limit=cfg.eval.val_limit)
+    return {"top1": val["top1"], "top5": val["top5"], "epochs": cfg.eval.full_data_epochs,
+            "labels": "hard", "seconds": round(time.time() - t0, 1)}
 
 
 def _mean_unit(out: str, key: str):

@@ -30,7 +30,8 @@ def parse_location(uri: str) -> tuple[str, str]:
 
 def create_dataset(uri: str, split: str = "train", preset: str = "eval", image_size: int | None = None,
                    crop_pct: float = 0.875, channels: int = 1, mean=None, std=None, normalize: bool = True,
-                   shuffle_buffer: int = 0, seed: int = 0, rank=None, world_size=None, return_key=False):
+                   shuffle_buffer: int = 0, seed: int = 0, rank=None, world_size=None, return_key=False,
+                   scale=(0.08, 1.0)):
     """A WebDataset reader (IterableDataset of single samples)."""
     from .wds_reader import WebDatasetReader
 
@@ -39,14 +40,15 @@ def create_dataset(uri: str, split: str = "train", preset: str = "eval", image_s
         raise DataError(f"{uri}: create_dataset reads WebDataset shards; use create_loader for .beton files")
     reader = WebDatasetReader(url, split, channels=channels, shuffle_buffer=shuffle_buffer,
                               seed=seed, rank=rank, world_size=world_size, return_key=return_key)
-    reader.transform = build_transform(preset, image_size, crop_pct, mean, std, normalize)
+    reader.transform = build_transform(preset, image_size, crop_pct, mean, std, normalize, scale)
     return reader
 
 
 def create_loader(uri: str, batch_size: int, split: str = "train", preset: str = "eval",
                   image_size: int | None = None, crop_pct: float = 0.875, channels: int = 1, mean=None,
                   std=None, normalize: bool = True, shuffle: bool = False, shuffle_buffer: int = 2000,
-                  seed: int = 0, rank=None, world_size=None, num_workers: int = 0, drop_last: bool = False):
+                  seed: int = 0, rank=None, world_size=None, num_workers: int = 0, drop_last: bool = False,
+                  scale=(0.08, 1.0)):
     """Batches (images NCHW, labels int64) from either format, identical for the same order.
 
     `split` names the split of a shard directory; a .beton holds one split."""
@@ -61,9 +63,9 @@ def create_loader(uri: str, batch_size: int, split: str = "train", preset: str =
         return FFCVReader(url, batch_size, preset=preset, size=image_size, crop_pct=crop_pct,
                           channels=channels, mean=mean, std=std, normalize=normalize, shuffle=shuffle,
                           seed=seed, rank=rank, world_size=world_size, num_workers=max(1, num_workers),
-                          drop_last=drop_last)
+                          drop_last=drop_last, scale=scale)
     ds = create_dataset(uri, split, preset, image_size, crop_pct, channels, mean, std, normalize,
-                        shuffle_buffer if shuffle else 0, seed, rank, world_size)
+                        shuffle_buffer if shuffle else 0, seed, rank, world_size, scale=scale)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                                        drop_last=drop_last, persistent_workers=False)
 
@@ -75,7 +77,7 @@ def loader_from_config(data_cfg, uri: str, split: str, train: bool, rank=None, w
                          image_size=data_cfg.image_size, crop_pct=data_cfg.crop_pct, channels=data_cfg.channels,
                          mean=list(data_cfg.mean), std=list(data_cfg.std), shuffle=train,
                          shuffle_buffer=data_cfg.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
-                         num_workers=data_cfg.num_workers)
+                         num_workers=data_cfg.num_workers, scale=tuple(data_cfg.train_scale))
 
 
 def shard_info(uri: str, split: str = "train") -> dict:

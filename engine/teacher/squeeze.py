@@ -67,7 +67,7 @@ def train_supervised(model, cfg, locs, device, show_progress=True) -> list[dict]
                                image_size=cfg.data.image_size, crop_pct=cfg.data.crop_pct, channels=cfg.data.channels,
                                mean=list(cfg.data.mean), std=list(cfg.data.std), shuffle=True,
                                shuffle_buffer=cfg.data.shuffle_buffer, seed=derive_seed(cfg.seed, "teacher", epoch),
-                               num_workers=cfg.data.num_workers)
+                               num_workers=cfg.data.num_workers, scale=tuple(cfg.data.train_scale))
         bar = progress(loader, total=_steps(n, 0, t.batch_size),
                        desc=f"teacher supervised {epoch + 1}/{t.epochs}", unit="batch", disable=not show_progress)
         total, count = 0.0, 0
