@@ -138,7 +138,12 @@ def stage_relabel(cfg, out: str, quiet: bool) -> dict:
 
     locs, device = _env(cfg, out)
     res = run_relabel(cfg, out, locs, device, show_progress=not quiet)
-    print("relabel: " + (f"skipped ({res['reason']})" if res["skipped"] else f"stored labels -> {res['url']}"))
+    if res["skipped"]:
+        print(f"relabel: skipped ({res['reason']})")
+    else:
+        print(f"relabel: stored labels -> {res['url']}: {res['bytes_per_image_epoch']} B per image-epoch "
+              f"(full fp16 logits: {res['full_fp16_bytes_per_image_epoch']} B here, "
+              f"{res['full_fp16_bytes_per_image_epoch_1000_classes']} B at 1000 classes)")
     return res
 
 

@@ -94,7 +94,8 @@ def _agreement(teacher, images_u8, labels, cfg, device) -> float:
 
 def run_relabel(cfg, out: str, locs: dict, device, show_progress: bool = True) -> dict:
     """Stored mode: per epoch crop parameters + top-k logits of the distilled set (and the control)."""
-    from .labels.relabel import load_labels, relabel_stored, save_labels
+    from .labels.relabel import (full_logits_bytes_per_image_epoch, load_labels, measured_bytes_per_image_epoch,
+                                 relabel_stored, save_labels)
 
     if cfg.relabel.mode != "stored":
         return {"skipped": True, "reason": f"relabel.mode={cfg.relabel.mode}: the teacher runs online"}
@@ -106,8 +107,10 @@ def run_relabel(cfg, out: str, locs: dict, device, show_progress: bool = True) -
     lab = relabel_stored(teacher, images, list(cfg.data.mean), list(cfg.data.std), cfg.eval.epochs,
                          cfg.eval.batch_size, cfg.seed, cfg.relabel, device, progress=show_progress)
     save_labels(url, lab)
-    load_labels(url)  # read back: the artifact is usable
-    return {"skipped": False, "url": url}
+    back = load_labels(url)  # read back: the artifact is usable
+    return {"skipped": False, "url": url, "bytes_per_image_epoch": round(measured_bytes_per_image_epoch(back), 2),
+            "full_fp16_bytes_per_image_epoch": full_logits_bytes_per_image_epoch(len(names)),
+            "full_fp16_bytes_per_image_epoch_1000_classes": full_logits_bytes_per_image_epoch(1000)}
 
 
 def random_real_set(cfg, locs, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
