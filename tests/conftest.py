@@ -28,6 +28,18 @@ def write_image_folder(root: Path, classes=("n01440764", "n01443537", "n01484850
     return truth
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny kernels run fastest on one intra-op thread, and ~10x slower when another process holds a
+    core (METHODS section 6). Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     root = tmp_path / "imagefolder"

@@ -15,13 +15,7 @@ MEAN, STD = [0.5], [0.25]
 N, SIZE, CLASSES, BATCH, EPOCHS = 12, 12, 4, 5, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,7 @@ from engine.synth.scdd import (GroupedBNStats, _Augment, bn_matching_loss, crop_
 MEAN, STD = [0.3], [0.4]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny kernels: one intra-op thread is faster, and ~10x faster when another
-    process holds a core (METHODS section 6). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_teacher(classes=5, seed=0, channels=1, size=12) -> nn.Module:

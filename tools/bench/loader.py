@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from engine.data.sources import create_source  # noqa: E402
 from engine.data.transforms import eval_resize  # noqa: E402
 from engine.data.wds_writer import write_wds  # noqa: E402
 from engine.errors import DataError, EngineError  # noqa: E402
+from tools.bench.common import machine_info, markdown_table  # noqa: E402
 
 SOURCE = "fashion-mnist:/usr/share/datasets/fashion-mnist"
 PRESETS = ("train", "eval")
@@ -121,12 +121,9 @@ def prepare(work: str, n: int, size: int, quality: int, shard_size: int) -> tupl
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| reader | preset | workers | samples/s | vs ImageFolder | first pass (s) |",
-           "|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        out.append(f"| {r['reader']} | {r['preset']} | {r['workers']} | {r['samples_per_s']:,.0f} | "
-                   f"{r['speedup_vs_imagefolder']:.2f}x | {r['first_pass_s']:.2f} |")
-    return "\n".join(out)
+    return markdown_table([("reader", "reader", ""), ("preset", "preset", ""), ("workers", "workers", ">"),
+                           ("samples/s", "samples_per_s", ">,.0f"), ("vs ImageFolder", "speedup_vs_imagefolder", ">.2f", "x"),
+                           ("first pass (s)", "first_pass_s", ">.2f")], rows)
 
 
 def main(argv=None) -> int:
@@ -189,10 +186,7 @@ def main(argv=None) -> int:
 
         result = {
             "benchmark": "loader",
-            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                        "processor": platform.processor() or platform.machine(),
-                        "python": platform.python_version(), "torch": torch.__version__,
-                        "torchvision": torchvision.__version__},
+            "machine": machine_info(torchvision=torchvision.__version__),
             "config": {"source": SOURCE, "split": "train", "n": args.n, "size": args.size, "batch": args.batch,
                        "epochs": args.epochs, "workers": workers, "channels": CHANNELS, "mean": MEAN, "std": STD,
                        "crop_pct": CROP_PCT, "jpeg_quality": args.quality, "shard_size": args.shard_size,

@@ -34,7 +34,6 @@ import argparse
 import datetime as dt
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -52,6 +51,7 @@ from engine.errors import EngineError  # noqa: E402
 from engine.models import create_model  # noqa: E402
 from engine.runtime import available_cpus, pick_device, set_threads  # noqa: E402
 from engine.synth.scdd import recover  # noqa: E402
+from tools.bench.common import machine_info, markdown_table  # noqa: E402
 
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]
@@ -174,11 +174,9 @@ def engine_recover(model, classes: int, ipc: int, iterations: int, cfg: ScddConf
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| variant | batch | calls | img*it/s | vs reference | loop s |", "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        out.append(f"| {r['variant']} | {r['batch']} | {r['calls']} | {r['img_it_per_s']:,.1f} | "
-                   f"{r['speedup_vs_reference']:.2f}x | {r['seconds']:.2f} |")
-    return "\n".join(out)
+    return markdown_table([("variant", "variant", ""), ("batch", "batch", ">"), ("calls", "calls", ">"),
+                           ("img*it/s", "img_it_per_s", ">,.1f"), ("vs reference", "speedup_vs_reference", ">.2f", "x"),
+                           ("loop s", "seconds", ">.2f")], rows)
 
 
 def main(argv=None) -> int:
@@ -239,11 +237,8 @@ def main(argv=None) -> int:
                 {"precision": "bf16" if st["amp"] else "fp32",
                  "memory_format": "NHWC" if st["channels_last"] else "NCHW"})
 
-        machine = {"cpu_count": os.cpu_count(), "available_cpus": available_cpus(),
-                   "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                   "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "torch_threads": threads}
+        machine = machine_info(device=str(device), torch_threads=threads,
+                               device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
         result = {
             "benchmark": "recover",
             "machine": machine,
