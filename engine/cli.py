@@ -56,22 +56,20 @@ def stage_prepare(cfg, out: str, quiet: bool) -> dict:
     locs = prepared_locations(cfg, out)
     for role, uri in locs.items():
         print(f"{role}: {uri}")
-    # Inspect (and decode every record of) each artifact the readers will use.
+    # Freshly written artifacts are decoded record by record once; a skipped prepare is only described.
     artifacts = set(locs.values())
     if not res["skipped"]:
         artifacts |= {store.join(out, "data", k) for k in res["manifest"]["inspect"]}
     for uri in sorted(artifacts):
-        print(format_report(inspect_shards(uri, verify=True, show_progress=not quiet)))
+        print(format_report(inspect_shards(uri, verify=not res["skipped"], show_progress=not quiet)))
     return res
 
 
 def stage_squeeze(cfg, out: str, quiet: bool) -> dict:
-    from .prepare import prepared_locations
-    from .runtime import pick_device, set_threads
     from .teacher import run_squeeze
 
-    set_threads(cfg.threads)
-    res = run_squeeze(cfg, out, prepared_locations(cfg, out), pick_device(cfg.device), show_progress=not quiet)
+    locs, device = _env(cfg, out)
+    res = run_squeeze(cfg, out, locs, device, show_progress=not quiet)
     m = res["manifest"]
     print(f"squeeze: {'skipped, exists' if res['skipped'] else 'done'}; teacher {m['model']['name']} "
           f"({m['mode']}): val top-1 {m['val']['top1']:.2f}%, top-5 {m['val']['top5']:.2f}% "
