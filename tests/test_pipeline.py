@@ -105,16 +105,17 @@ def test_teacher_class_count_must_match_the_data(digits_run, tmp_path):
 @pytest.mark.slow
 def test_demo_recipe_end_to_end_small(tmp_path):
     """The real Fashion-MNIST recipe with size overrides: one SimCLR epoch on 4k images, 200 recovery
-    iterations, 30 student epochs, validation on 2,000 test images."""
+    iterations, 30 student epochs, a 1-epoch full-data reference, validation on 2,000 test images."""
     out = tmp_path / "demo"
     r = run_tool("-m", "engine", "run", "--config", "configs/demo/fashion_scdd.yaml", "--out", out, "--quiet",
                  "teacher.ssl_epochs=1", "teacher.ssl_train_limit=4000", "teacher.probe_epochs=2",
                  "teacher.finetune_epochs=0", "synth.scdd.iterations=200", "eval.epochs=30",
-                 "eval.val_limit=2000", timeout=1800)
+                 "eval.val_limit=2000", "eval.full_data_epochs=1", timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
     assert res["teacher"]["top1"] > 50  # a weak but real SSL teacher on Fashion-MNIST
     assert res["distilled"]["top1"] > 10 and res["random_real"]["top1"] > 10  # above chance
+    assert res["full_data"]["top1"] > 50 and res["full_data"]["epochs"] == 1
     assert res["synthesis"]["teacher_agreement"] > 0.3  # 3x chance, from a weak one-epoch teacher
     assert (out / "preview.png").stat().st_size > 10_000
     assert "| distilled |" in r.stdout

@@ -45,6 +45,15 @@ def _cosine(opt, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
 
 
+def _step(opt, sched, loss) -> float:
+    """One optimiser + scheduler step; returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def _limited(loader, limit: int):
     seen = 0
     for x, y in loader:
@@ -72,12 +81,8 @@ def train_supervised(model, cfg, locs, device, show_progress=True) -> list[dict]
                        desc=f"teacher supervised {epoch + 1}/{t.epochs}", unit="batch", disable=not show_progress)
         total, count = 0.0, 0
         for x, y in bar:
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total, count = total + loss.item() * len(y), count + len(y)
+            loss = _step(opt, sched, F.cross_entropy(model(x.to(device)), y.to(device)))
+            total, count = total + loss * len(y), count + len(y)
             bar.set_postfix(loss=f"{total / count:.3f}")
         history.append({"epoch": epoch, "phase": "supervised", "loss": round(total / max(count, 1), 4)})
     return history
@@ -108,12 +113,9 @@ def train_simclr(model, cfg, locs, device, show_progress=True) -> list[dict]:
         for x, _ in bar:  # labels deliberately unused
             v1 = norm(torch.stack([aug(im) for im in x])).to(device)
             v2_ = norm(torch.stack([aug(im) for im in x])).to(device)
-            loss = nt_xent(head(pooled_features(model, v1)), head(pooled_features(model, v2_)), t.ssl_temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total, count = total + loss.item() * len(x), count + len(x)
+            loss = _step(opt, sched, nt_xent(head(pooled_features(model, v1)), head(pooled_features(model, v2_)),
+                                             t.ssl_temperature))
+            total, count = total + loss * len(x), count + len(x)
             bar.set_postfix(loss=f"{total / count:.3f}")
         history.append({"epoch": epoch, "phase": "simclr", "loss": round(total / max(count, 1), 4)})
     return history
@@ -144,12 +146,7 @@ def linear_probe(model, cfg, locs, device, show_progress=True) -> list[dict]:
         total = 0.0
         for i in range(0, len(y), bs):
             idx = perm[i:i + bs]
-            loss = F.cross_entropy(head(f[idx].to(device)), y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
+            total += _step(opt, sched, F.cross_entropy(head(f[idx].to(device)), y[idx].to(device))) * len(idx)
         history.append({"epoch": epoch, "phase": "probe", "loss": round(total / len(y), 4)})
     return history
 
