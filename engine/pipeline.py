@@ -64,8 +64,10 @@ def run_synthesize(cfg, out: str, locs: dict, device, show_progress: bool = True
         res = recover(teacher, unit.classes, (unit.ipc_start, unit.ipc_end), cfg.synth.scdd, list(cfg.data.mean),
                       list(cfg.data.std), cfg.data.image_size, cfg.data.channels, cfg.seed, device,
                       init_images=init)
+        st = res["stats"]
         info = {"seed": cfg.seed, "losses": res["losses"], "init_keys": init_keys,
-                "teacher_agreement": _agreement(teacher, res["images"], res["labels"], cfg, device)}
+                "teacher_agreement": round(st["teacher_agreement"], 4), "img_it_per_s": round(st["img_it_per_s"], 1),
+                "threads": st["threads"], "device": st["device"]}
         if init is not None:
             info["mean_abs_pixel_change"] = round(float((res["images"].float() - init.float()).abs().mean()), 3)
         return {"images": res["images"], "labels": res["labels"]}, info
@@ -81,15 +83,6 @@ def run_synthesize(cfg, out: str, locs: dict, device, show_progress: bool = True
                  title=f"{cfg.method}: IPC {cfg.synth.ipc}")
     return {"skipped": False, **merged, "units": ran,
             "manifest": store.read_json(store.join(dest, store.MANIFEST))}
-
-
-@torch.no_grad()
-def _agreement(teacher, images_u8, labels, cfg, device) -> float:
-    from .labels.crops import normalise_images
-
-    x = normalise_images(images_u8, list(cfg.data.mean), list(cfg.data.std)).to(device)
-    pred = teacher(x).argmax(1).cpu()
-    return round(float((pred == labels).float().mean()), 4)
 
 
 def run_relabel(cfg, out: str, locs: dict, device, show_progress: bool = True) -> dict:
