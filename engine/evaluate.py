@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from .errors import ConfigError, EngineError
 from .labels import OnlineLabeler, StoredLabeler, augment_batch, epoch_batches, normalise_images, relabel_stored
 from .labels.crops import check_relabel_config
+from .metrics import accuracy
 from .progress import progress as progress_bar
 from .seeding import derive_seed, torch_gen
 
@@ -100,31 +101,7 @@ def create_student(cfg, num_classes: int, seed: int, image_size: int) -> torch.n
                             width=s.width, image_size=image_size)
 
 
-@torch.no_grad()
-def validate(model: torch.nn.Module, loader, device, limit: int = 0) -> dict[str, float]:
-    """Top-1 / top-5 (percent) of `model` over batches (normalised images, labels);
-    only the first `limit` samples when limit > 0."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = count = 0
-    for x, y in loader:
-        if limit and count >= limit:
-            break
-        if limit and count + len(y) > limit:
-            x, y = x[:limit - count], y[:limit - count]
-        x, y = x.to(device, non_blocking=True).float(), torch.as_tensor(y).to(device).long()
-        logits = model(x)
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == y[:, None]
-        correct1 += int(hit[:, 0].sum())
-        correct5 += int(hit.any(dim=1).sum())
-        count += len(y)
-    model.train(was_training)
-    if count == 0:
-        raise EngineError("validation: the val loader gave no samples")
-    return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "count": count}
+validate = accuracy  # top-1 / top-5 in percent over the val loader (engine.metrics)
 
 
 def _check_world(rank, world_size) -> None:
