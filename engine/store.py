@@ -223,8 +223,3 @@ def read_manifest(dir_url: str, verify: bool = False) -> dict:
             if got != meta["sha256"]:
                 raise StoreError(f"{u}: checksum mismatch (manifest {meta['sha256'][:12]}, file {got[:12]})")
     return manifest
-
-
-def open_url(url: str, mode: str = "rb"):
-    """fsspec.open for callers that need a lazily opened file."""
-    return fsspec.open(url, mode)

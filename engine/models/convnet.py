@@ -39,14 +39,6 @@ class ConvNet(nn.Module):
         self.feat_dim = width * (image_size >> depth) ** 2
         self.fc = nn.Linear(self.feat_dim, num_classes)
 
-    def block_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Output of every block (DataDAM's attention maps are taken from these)."""
-        feats = []
-        for b in self.blocks:
-            x = b(x)
-            feats.append(x)
-        return feats
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         for b in self.blocks:
             x = b(x)
