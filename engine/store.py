@@ -17,7 +17,6 @@ import time
 import uuid
 from typing import Any, Iterator
 
-import fsspec
 from fsspec.core import url_to_fs
 
 from .errors import StoreError
