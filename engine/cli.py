@@ -82,7 +82,12 @@ def main(argv=None) -> int:
     if not args.stage:
         _parser().print_help()
         return 2
-    return run_guarded(_dispatch, args)
+    try:
+        return run_guarded(_dispatch, args)
+    finally:
+        from .cluster.session import disconnect
+
+        disconnect()
 
 
 def _dispatch(args) -> None:

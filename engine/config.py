@@ -134,6 +134,25 @@ class EvalConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where units of work run (engine/cluster). `ray`: actors on a Ray cluster --
+    the one `ray job submit` runs under (RAY_ADDRESS), the one at `address`, or a
+    new local one; `local`: this process, no Ray (same units, same bytes at the
+    same thread count)."""
+    backend: str = "ray"  # ray | local
+    address: str = ""  # a Ray cluster to join; "" = RAY_ADDRESS when set, else start a local cluster
+    num_cpus: int = 0  # CPUs of a new local cluster (0: all this process may use)
+    workers: int = 0  # synthesis actors; 0 = one per GPU slot (GPU run) or per CPU slot, at most one per unit
+    cpus_per_worker: float = 1.0  # CPU share of an actor (fractions allowed); its torch threads = max(1, floor)
+    gpus_per_worker: float = 1.0  # GPU share of an actor when the run uses CUDA
+    max_in_flight: int = 2  # units queued on each actor at a time
+    max_retries: int = 3  # restarts of a dead actor, and re-dispatches of a unit whose actor died
+    relabel_parts: int = 0  # stored relabel: image ranges run as units (0: one per worker slot)
+    relabel_epoch_parts: int = 1  # ... times this many epoch ranges
+    eval_workers: int = 1  # Ray Train data-parallel workers for student post-training
+
+
+@dataclass
 class EngineConfig:
     name: str = "demo"
     seed: int = 0
@@ -145,6 +164,7 @@ class EngineConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def _one_line(exc: OmegaConfBaseException, origin: str) -> str:
@@ -218,6 +238,13 @@ def to_dict(cfg) -> dict:
     if dataclasses.is_dataclass(cfg):
         return dataclasses.asdict(cfg)
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def from_dict(d: dict, schema: type = EngineConfig) -> Any:
+    """The typed config back from `to_dict` (e.g. in a worker process)."""
+    cfg = _merge(OmegaConf.structured(schema), OmegaConf.create(d), "config")
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
 
 
 def config_hash(cfg) -> str:

@@ -9,10 +9,10 @@ import time
 import torch
 
 from . import store
-from .cluster.local import run_units_local
+from .cluster.coordinator import run_and_merge
 from .cluster.merge import DISTILLED, merge_distilled, read_distilled
 from .cluster.plan import plan_units
-from .config import config_hash
+from .config import config_hash, to_dict
 from .data import loader_from_config, shard_info
 from .data.realsets import load_images, pick_per_class, scan_labels
 from .errors import EngineError
@@ -35,21 +35,16 @@ def real_init(cfg, locs, unit, labels_cache) -> torch.Tensor:
     return torch.stack([imgs[k] for k in chosen]), chosen
 
 
-def run_synthesize(cfg, out: str, locs: dict, device, show_progress: bool = True) -> dict:
+def scdd_worker(config: dict, out: str, locs: dict):
+    """Unit factory (engine.cluster.workers): load the teacher once, return `work(unit)`."""
+    from .config import from_dict
+    from .runtime import pick_device
     from .synth.scdd import recover
 
-    if cfg.method not in METHODS:
-        raise EngineError(f"config key 'method': expected one of {', '.join(METHODS)}, got '{cfg.method}'")
+    cfg = from_dict(config)
+    device = pick_device(cfg.device)
     classes = _classes(cfg, locs)
-    dest = store.join(out, DISTILLED)
-    settings_hash = config_hash({"synth": cfg.synth, "seed": cfg.seed, "method": cfg.method})
-    if store.exists(store.join(dest, store.MANIFEST)):
-        m = store.read_json(store.join(dest, store.MANIFEST))
-        if m.get("settings_hash") == settings_hash:
-            return {"skipped": True, "manifest": m}
-        raise EngineError(f"{dest}: made with other synthesis settings; use another --out or delete it")
-    teacher, tman = load_teacher(out, len(classes), device)
-    units = plan_units("synthesize", len(classes), cfg.synth.ipc, cfg.synth.class_block, cfg.synth.ipc_per_unit)
+    teacher, _ = load_teacher(out, len(classes), device)
     cache: dict = {}
 
     def labels_cache():
@@ -72,12 +67,29 @@ def run_synthesize(cfg, out: str, locs: dict, device, show_progress: bool = True
             info["mean_abs_pixel_change"] = round(float((res["images"].float() - init.float()).abs().mean()), 3)
         return {"images": res["images"], "labels": res["labels"]}, info
 
+    return work
+
+
+def run_synthesize(cfg, out: str, locs: dict, device, show_progress: bool = True) -> dict:
+    if cfg.method not in METHODS:
+        raise EngineError(f"config key 'method': expected one of {', '.join(METHODS)}, got '{cfg.method}'")
+    classes = _classes(cfg, locs)
+    dest = store.join(out, DISTILLED)
+    settings_hash = config_hash({"synth": cfg.synth, "seed": cfg.seed, "method": cfg.method})
+    if store.exists(store.join(dest, store.MANIFEST)):
+        m = store.read_json(store.join(dest, store.MANIFEST))
+        if m.get("settings_hash") == settings_hash:
+            return {"skipped": True, "manifest": m}
+        raise EngineError(f"{dest}: made with other synthesis settings; use another --out or delete it")
+    _, tman = load_teacher(out, len(classes), "cpu")  # fails here, before any worker starts, if it is unusable
+    units = plan_units("synthesize", len(classes), cfg.synth.ipc, cfg.synth.class_block, cfg.synth.ipc_per_unit)
     t0 = time.time()
-    ran = run_units_local(out, units, work, show_progress=show_progress)
-    merged = merge_distilled(out, units, classes, cfg.synth.ipc,
-                             {"method": cfg.method, "settings_hash": settings_hash, "seed": cfg.seed,
-                              "channels": cfg.data.channels, "teacher": tman["model"], "units": ran,
-                              "timing_s": round(time.time() - t0, 1), "config_hash": config_hash(cfg)})
+    ran, merged = run_and_merge(out, units, scdd_worker, {"config": to_dict(cfg), "out": out, "locs": locs}, cfg,
+                                lambda stats: merge_distilled(out, units, classes, cfg.synth.ipc, {
+                                    "method": cfg.method, "settings_hash": settings_hash, "seed": cfg.seed,
+                                    "channels": cfg.data.channels, "teacher": tman["model"],
+                                    "units": stats, "timing_s": round(time.time() - t0, 1), "config_hash": config_hash(cfg)}),
+                                desc="synthesize", show_progress=show_progress)
     images, labels, names = read_distilled(out)
     preview_grid(images, labels, names, store.join(out, "preview.png"), per_class=min(cfg.synth.ipc, 8),
                  title=f"{cfg.method}: IPC {cfg.synth.ipc}")
@@ -85,24 +97,57 @@ def run_synthesize(cfg, out: str, locs: dict, device, show_progress: bool = True
             "manifest": store.read_json(store.join(dest, store.MANIFEST))}
 
 
+def relabel_worker(config: dict, out: str):
+    """Unit factory for stored relabelling: load the teacher and the distilled images once."""
+    from .config import from_dict
+    from .labels.relabel import relabel_stored
+    from .runtime import pick_device
+
+    cfg = from_dict(config)
+    device = pick_device(cfg.device)
+    images, _, names = read_distilled(out)
+    teacher, _ = load_teacher(out, len(names), device)
+
+    def work(part):
+        lab = relabel_stored(teacher, images, list(cfg.data.mean), list(cfg.data.std), cfg.eval.epochs,
+                             cfg.eval.batch_size, cfg.seed, cfg.relabel, device,
+                             image_range=(part.image_start, part.image_end),
+                             epoch_range=(part.epoch_start, part.epoch_end), progress=False)
+        return lab, {"images": [part.image_start, part.image_end], "epochs": [part.epoch_start, part.epoch_end]}
+
+    return work
+
+
 def run_relabel(cfg, out: str, locs: dict, device, show_progress: bool = True) -> dict:
-    """Stored mode: per epoch crop parameters + top-k logits of the distilled set (and the control)."""
+    """Stored mode: per epoch crop parameters + top-k logits of the distilled set, computed as
+    disjoint (image range x epoch range) units on the workers and merged exactly once."""
+    from .cluster.plan import plan_label_parts
+    from .cluster.session import worker_slots
+    from .cluster.unitstore import load_unit
     from .labels.relabel import (full_logits_bytes_per_image_epoch, load_labels, measured_bytes_per_image_epoch,
-                                 relabel_stored, save_labels)
+                                 merge_labels, save_labels)
 
     if cfg.relabel.mode != "stored":
         return {"skipped": True, "reason": f"relabel.mode={cfg.relabel.mode}: the teacher runs online"}
     url = store.join(out, "labels", "distilled.pt")
     if store.exists(url):
         return {"skipped": True, "reason": "exists", "url": url}
-    images, labels, names = read_distilled(out)
-    teacher, _ = load_teacher(out, len(names), device)
-    lab = relabel_stored(teacher, images, list(cfg.data.mean), list(cfg.data.std), cfg.eval.epochs,
-                         cfg.eval.batch_size, cfg.seed, cfg.relabel, device, progress=show_progress)
-    save_labels(url, lab)
+    dman = store.read_manifest(store.join(out, DISTILLED))
+    n_img, num_classes = int(dman["num_images"]), int(dman["num_classes"])
+    parts = plan_label_parts(n_img, int(cfg.eval.epochs), int(cfg.cluster.relabel_parts) or worker_slots(cfg),
+                             int(cfg.cluster.relabel_epoch_parts))
+
+    def merge(stats):
+        lab = merge_labels([load_unit(out, p)[0] for p in parts])  # every (image, epoch) exactly once
+        save_labels(url, lab)
+        return stats
+
+    stats, _ = run_and_merge(out, parts, relabel_worker, {"config": to_dict(cfg), "out": out}, cfg, merge,
+                             desc="relabel", show_progress=show_progress)
     back = load_labels(url)  # read back: the artifact is usable
-    return {"skipped": False, "url": url, "bytes_per_image_epoch": round(measured_bytes_per_image_epoch(back), 2),
-            "full_fp16_bytes_per_image_epoch": full_logits_bytes_per_image_epoch(len(names)),
+    return {"skipped": False, "url": url, "parts": stats,
+            "bytes_per_image_epoch": round(measured_bytes_per_image_epoch(back), 2),
+            "full_fp16_bytes_per_image_epoch": full_logits_bytes_per_image_epoch(num_classes),
             "full_fp16_bytes_per_image_epoch_1000_classes": full_logits_bytes_per_image_epoch(1000)}
 
 

@@ -39,3 +39,36 @@ def plan_units(stage: str, num_classes: int, ipc: int, class_block: int, ipc_per
         for i0 in range(0, ipc, ipc_per_unit):
             units.append(Unit(stage, c0, c1, i0, min(i0 + ipc_per_unit, ipc)))
     return units
+
+
+@dataclass(frozen=True)
+class LabelPart:
+    """Stored relabelling of images [image_start, image_end) over epochs [epoch_start, epoch_end)."""
+    stage: str
+    image_start: int
+    image_end: int  # exclusive
+    epoch_start: int
+    epoch_end: int  # exclusive
+
+    @property
+    def id(self) -> str:
+        return f"n{self.image_start:07d}-{self.image_end:07d}_e{self.epoch_start:04d}-{self.epoch_end:04d}"
+
+    @property
+    def num_images(self) -> int:
+        return self.image_end - self.image_start
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    parts = max(1, min(parts, n))
+    bounds = [round(k * n / parts) for k in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def plan_label_parts(num_images: int, epochs: int, image_parts: int, epoch_parts: int = 1,
+                     stage: str = "relabel") -> list[LabelPart]:
+    """Disjoint image ranges x epoch ranges covering every (image, epoch) once."""
+    if num_images < 1 or epochs < 1:
+        raise EngineError(f"relabel: nothing to label ({num_images} images, {epochs} epochs)")
+    return [LabelPart(stage, a, b, e0, e1) for a, b in _split(num_images, image_parts)
+            for e0, e1 in _split(epochs, epoch_parts)]

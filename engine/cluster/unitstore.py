@@ -17,14 +17,25 @@ from .plan import Unit
 RESULT = "result.pt"
 
 
+class UnitMissing(EngineError):
+    """A unit's output is missing or fails its checksum (the coordinator re-runs it)."""
+
+    def __init__(self, unit: Unit, reason: str):
+        super().__init__(f"unit {unit.id}: missing or corrupt ({reason})")
+        self.unit = unit
+
+
 def unit_dir(out: str, unit: Unit) -> str:
     return store.join(out, "units", unit.stage, unit.id)
 
 
-def is_done(out: str, unit: Unit) -> bool:
+def is_done(out: str, unit: Unit, verify: bool = True) -> bool:
+    """Finished: the manifest exists (and, with `verify`, the result matches its checksum)."""
     d = unit_dir(out, unit)
     if not store.exists(store.join(d, store.MANIFEST)):
         return False
+    if not verify:
+        return True
     try:
         store.read_manifest(d, verify=True)
         return True
@@ -40,11 +51,15 @@ def save_unit(out: str, unit: Unit, result: dict, info: dict) -> None:
     store.write_manifest(d, {"stage": unit.stage, "unit": unit.id, **info}, files=[RESULT])
 
 
+def remove_unit(out: str, unit: Unit) -> None:
+    store.remove(unit_dir(out, unit), recursive=True)
+
+
 def load_unit(out: str, unit: Unit) -> tuple[dict, dict]:
     d = unit_dir(out, unit)
     try:
         manifest = store.read_manifest(d, verify=True)
     except StoreError as exc:
-        raise EngineError(f"unit {unit.id}: missing or corrupt ({exc})") from None
+        raise UnitMissing(unit, str(exc)) from None
     result = torch.load(io.BytesIO(store.read_bytes(store.join(d, RESULT))), map_location="cpu", weights_only=True)
     return result, manifest
