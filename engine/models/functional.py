@@ -59,6 +59,25 @@ def load_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
             p.copy_(parts[name])
 
 
+def check_flat_params(model: nn.Module, flat: torch.Tensor, what: str = "parameters") -> None:
+    """A flat vector must fit the model: one clear line saying whether the class count (the size of a
+    final `fc` Linear) or the architecture differs."""
+    want = num_params(model)
+    got = flat.numel() if flat.dim() == 1 else -1
+    if got == want:
+        return
+    fc = getattr(model, "fc", None)
+    if got > 0 and isinstance(fc, nn.Linear):
+        per_class = fc.in_features + (1 if fc.bias is not None else 0)
+        extra = got - want
+        if extra % per_class == 0 and fc.out_features + extra // per_class >= 1:
+            raise EngineError(f"{what}: parameters are for {fc.out_features + extra // per_class} classes, "
+                              f"the model has {fc.out_features}")
+    n = got if got > 0 else f"shape {tuple(flat.shape)} of"
+    raise EngineError(f"{what}: {n} parameters do not fit the model ({type(model).__name__} with {want}): "
+                      f"different architecture")
+
+
 def functional_forward(model: nn.Module, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """model(x) with the parameters taken from `flat`."""
     return functional_call(model, unflatten_params(model, flat), (x,))

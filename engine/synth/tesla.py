@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, EngineError
-from ..models.functional import functional_forward, num_params
+from ..models.functional import check_flat_params, functional_forward
 from ..seeding import torch_gen
 from .dsa import DEFAULT_STRATEGY, DSADraw, DSAParams, apply_dsa, parse_strategy, sample_dsa
 
@@ -69,24 +69,6 @@ LABEL_MODES = ("per_iteration", "frozen", "hard")
 def model_num_classes(model: nn.Module) -> int | None:
     fc = getattr(model, "fc", None)
     return fc.out_features if isinstance(fc, nn.Linear) else None
-
-
-def check_params(model: nn.Module, flat: torch.Tensor, what: str = "expert") -> None:
-    """A flat vector must fit the model; say whether the class count or the architecture differs."""
-    want = num_params(model)
-    got = flat.numel() if flat.dim() == 1 else -1
-    if got == want:
-        return
-    fc = getattr(model, "fc", None)
-    if got > 0 and isinstance(fc, nn.Linear):
-        per_class = fc.in_features + (1 if fc.bias is not None else 0)
-        extra = got - want
-        if extra % per_class == 0 and fc.out_features + extra // per_class >= 1:
-            raise EngineError(f"{what}: parameters are for {fc.out_features + extra // per_class} classes, "
-                              f"the model has {fc.out_features}")
-    shape = tuple(flat.shape)
-    raise EngineError(f"{what}: {got if got > 0 else shape} parameters do not fit the model "
-                      f"({type(model).__name__} with {want}): different architecture")
 
 
 def _snapshots(expert):
@@ -116,7 +98,7 @@ def check_experts(model: nn.Module, experts: Sequence, needed_epochs: Sequence[i
             raise ConfigError(f"tesla: expert {k} has snapshots {span} but max_start_epoch + expert_epochs needs "
                               f"epoch {missing[0]} (start epoch beyond the saved snapshots)")
         for e in needed_epochs:
-            check_params(model, _snapshot(ex, e), what=f"expert {k} epoch {e}")
+            check_flat_params(model, _snapshot(ex, e), what=f"expert {k} epoch {e}")
 
 
 # ---------------------------------------------------------------------------
@@ -186,8 +168,8 @@ def matching_gradients(model: nn.Module, start_params: torch.Tensor, target_para
     if int(syn_steps) < 1:
         raise ConfigError(f"tesla.syn_steps: expected at least 1 inner step, got {syn_steps}")
     syn_steps = int(syn_steps)
-    check_params(model, start_params, "start parameters")
-    check_params(model, target_params, "target parameters")
+    check_flat_params(model, start_params, "start parameters")
+    check_flat_params(model, target_params, "target parameters")
     n = images.shape[0]
     if labels.shape[0] != n:
         raise EngineError(f"tesla: {labels.shape[0]} labels for {n} images")
@@ -337,7 +319,7 @@ def distill(model: nn.Module, experts: Sequence, images: torch.Tensor, classes: 
     if not 0 <= le < len(experts) or lep not in _available_epochs(experts[le]):
         raise ConfigError(f"tesla.label_expert {label_expert}: no such expert snapshot")
     label_params = _snapshot(experts[le], lep).to(images)
-    check_params(model, label_params, f"label expert {le} epoch {lep}")
+    check_flat_params(model, label_params, f"label expert {le} epoch {lep}")
     seed_parts = seed if isinstance(seed, tuple) else (seed,)
 
     X = images.detach().clone().requires_grad_(True)
