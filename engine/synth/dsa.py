@@ -156,7 +156,8 @@ def apply_dsa(x: torch.Tensor, draw: DSADraw | None) -> torch.Tensor:
         m = x.mean(dim=(1, 2, 3), keepdim=True)
         return (x - m) * c + m
     if fam == "crop":
-        return _shift(x, _rows(p["shift_h"], n, x, cast=False), _rows(p["shift_w"], n, x, cast=False))
+        pad = (int(p["shift_h"].abs().max()), int(p["shift_w"].abs().max()))    # from the CPU draw: no sync
+        return _shift(x, _rows(p["shift_h"], n, x, cast=False), _rows(p["shift_w"], n, x, cast=False), pad)
     if fam == "cutout":
         h, w = draw.size
         top = _rows(p["top"], n, x, cast=False).view(n, 1, 1)
@@ -186,11 +187,10 @@ def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, align_corners=True)
 
 
-def _shift(x: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
-    """out[n, :, i, j] = x[n, :, i + dh[n], j + dw[n]], zero outside the image."""
+def _shift(x: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
+    """out[n, :, i, j] = x[n, :, i + dh[n], j + dw[n]], zero outside the image; pad >= max |shift|."""
     n, _, h, w = x.shape
-    ph = int(dh.abs().max()) if dh.numel() else 0
-    pw = int(dw.abs().max()) if dw.numel() else 0
+    ph, pw = pad
     xp = F.pad(x, [pw, pw, ph, ph])
     rows = torch.arange(h, device=x.device).view(1, h) + dh.view(n, 1) + ph      # (N, H)
     cols = torch.arange(w, device=x.device).view(1, w) + dw.view(n, 1) + pw      # (N, W)

@@ -297,6 +297,12 @@ def distill(model: nn.Module, experts: Sequence, images: torch.Tensor, classes: 
         raise ConfigError(f"tesla.iterations: expected 0 or more, got {iterations}")
     if batch_syn is not None and int(batch_syn) < 1:
         raise ConfigError(f"tesla.batch_syn: expected at least 1 (or none for all images), got {batch_syn}")
+    for name, v in (("lr_img", lr_img), ("lr_lr", lr_lr)):
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"tesla.{name}: expected a finite number of 0 or more, got {v}")
+    for name, v in (("momentum_img", momentum_img), ("momentum_lr", momentum_lr)):
+        if not 0 <= v < 1:
+            raise ConfigError(f"tesla.{name}: expected a value in [0, 1), got {v}")
     if not (math.isfinite(syn_lr_init) and syn_lr_init > 0):
         raise ConfigError(f"tesla.syn_lr_init: expected a positive number, got {syn_lr_init}")
     if images.dim() != 4 or not images.is_floating_point():
