@@ -25,8 +25,45 @@ Validation: top-1 / top-5 in percent over the val loader, the first
 `eval.val_limit` samples only when it is > 0.
 
 The functions take tensors and config only (no file I/O) so a Ray Train worker
-can run them; `rank` / `world_size` are accepted for that and must be a single
-process for now.
+can run them (engine.cluster.train_eval). Data parallel (`world_size` W > 1,
+`rank` r; a torch.distributed process group of W processes must be initialised,
+gloo on CPU, NCCL on GPU):
+
+- every rank walks the same global batches (`epoch_batches`, or the stored
+  replay, same stream seed) and augments them exactly as one process would
+  (without mixing only its own rows, since crops are per image; with mixing the
+  whole batch, since a mixed image needs its partner), then trains on its own
+  rows: a batch of n images is trimmed to n - n % W (the **drop rule**: the last
+  n % W images of the batch, in batch order, are left out of that step; which
+  images that is changes every epoch with the batch order) and rank r takes rows
+  [r * n' / W, (r + 1) * n' / W) of the n' kept. Every rank therefore takes one
+  optimizer step per global batch -- equal step counts -- and the number of steps
+  and the cosine schedule are those of a single process. When W divides every
+  batch size nothing is dropped. A batch too small to give every rank a row is an
+  error (ConfigError), never a silent skip.
+- targets are those of the rank's rows: the online teacher runs on them, stored
+  logits are replayed for them, hard labels (and mix partners' labels) are sliced
+  the same way.
+- the student is wrapped in DistributedDataParallel; the loss is the mean over
+  the rank's rows and the rows are split equally, so DDP's gradient average is
+  the gradient of the mean over the whole (trimmed) batch, and a student without
+  BatchNorm (convnetd*, instance norm) follows the single-process run to float
+  tolerance. BatchNorm layers normalise over each rank's rows (plain DDP;
+  SyncBatchNorm runs on GPUs only), so a BN student differs from a single
+  process run, as in any data-parallel BN training. The logged loss of an epoch
+  is all-reduced (sum of loss x rows over sum of rows), the same on every rank.
+- validation: the caller gives each rank its shard of the val set (e.g.
+  engine.data.loader_from_config(..., rank=r, world_size=W)); correct/count sums
+  are all-reduced (engine.metrics.accuracy), so top-1/top-5 and val_count are
+  global, every val sample counted once. `eval.val_limit` stays a global sample
+  count: rank r counts its first val_limit // W (+1 on the first val_limit % W
+  ranks) samples -- exactly the first val_limit samples of the single-process
+  order when the reader deals samples round-robin (see engine.metrics.accuracy).
+- stored mode without given stored labels: the ranks compute disjoint epoch
+  ranges with relabel_stored and all-gather them (merge_labels); an epoch range
+  over all images gives exactly the full run's labels.
+- only rank 0 shows progress bars. With W = 1 (or None) nothing of this runs and
+  the results are those of a plain single-process run.
 """
 from __future__ import annotations
 
@@ -42,7 +79,8 @@ import torch.nn.functional as F
 from .errors import ConfigError, EngineError
 from .labels import OnlineLabeler, StoredLabeler, augment_batch, epoch_batches, normalise_images, relabel_stored
 from .labels.crops import check_relabel_config
-from .metrics import accuracy
+from .labels.relabel import merge_labels
+from .metrics import accuracy, all_reduce_sum
 from .progress import progress as progress_bar
 from .seeding import derive_seed, torch_gen
 
@@ -58,12 +96,17 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_q, p, reduction="batchmean")
 
 
-def hard_loss(student_logits: torch.Tensor, labels: torch.Tensor, mix: dict | None) -> torch.Tensor:
+def hard_loss(student_logits: torch.Tensor, labels: torch.Tensor, mix: dict | None,
+              rows: slice = slice(None)) -> torch.Tensor:
+    """Cross-entropy with the batch's labels (mixed like the images). `labels` are the
+    whole batch's; `student_logits` are for `rows` of it (data parallel: this rank's rows;
+    mix partners are looked up in the whole batch)."""
     if mix is None:
-        return F.cross_entropy(student_logits, labels)
+        return F.cross_entropy(student_logits, labels[rows])
     lam = mix["lam"]
     partner = labels[mix["perm"].to(labels.device)]
-    return lam * F.cross_entropy(student_logits, labels) + (1.0 - lam) * F.cross_entropy(student_logits, partner)
+    return (lam * F.cross_entropy(student_logits, labels[rows])
+            + (1.0 - lam) * F.cross_entropy(student_logits, partner[rows]))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -104,9 +147,36 @@ def create_student(cfg, num_classes: int, seed: int, image_size: int) -> torch.n
 validate = accuracy  # top-1 / top-5 in percent over the val loader (engine.metrics)
 
 
-def _check_world(rank, world_size) -> None:
-    if world_size not in (None, 1) or rank not in (None, 0):
-        raise NotImplementedError("train_student: distributed training (world_size > 1) is not implemented yet")
+def _check_world(rank, world_size) -> tuple[int, int]:
+    """(rank, world size); W > 1 needs an initialised process group of exactly W ranks."""
+    world = 1 if world_size is None else int(world_size)
+    rank = 0 if rank is None else int(rank)
+    if world < 1 or not 0 <= rank < world:
+        raise EngineError(f"evaluate: rank {rank} of world size {world}: expected 0 <= rank < world size")
+    if world > 1:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise EngineError(f"evaluate: world size {world} needs an initialised torch.distributed process group")
+        if (dist.get_rank(), dist.get_world_size()) != (rank, world):
+            raise EngineError(f"evaluate: rank {rank} of {world} given, but the process group says rank "
+                              f"{dist.get_rank()} of {dist.get_world_size()}")
+    return rank, world
+
+
+def _rows(batch_len: int, rank: int, world: int) -> slice:
+    """This rank's rows of a global batch under the drop rule (module docstring)."""
+    kept = batch_len - batch_len % world
+    return slice(rank * kept // world, (rank + 1) * kept // world)
+
+
+def _wrap_data_parallel(student: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        return DistributedDataParallel(student, device_ids=[device.index if device.index is not None
+                                                            else torch.cuda.current_device()])
+    return DistributedDataParallel(student)
 
 
 def train_student(images_uint8: torch.Tensor, labels_int: torch.Tensor, teacher: torch.nn.Module | None, cfg,
@@ -123,8 +193,16 @@ def train_student(images_uint8: torch.Tensor, labels_int: torch.Tensor, teacher:
     one (its crops are replayed; batch size and image count must match). Returns
     {top1, top5, epochs, seconds, history, seed, label_mode, val_count}; history
     holds one {epoch, loss, lr} per epoch. top1/top5 are None without a val loader.
-    `return_model`: also return the trained student under "model"."""
-    _check_world(rank, world_size)
+    Also: steps (optimizer steps taken, the same on every rank), world_size and
+    dropped_per_epoch (images left out of each epoch by the drop rule, 0 in one
+    process). `return_model`: also return the trained student under "model"
+    (unwrapped, not the DDP wrapper).
+
+    `rank` / `world_size`: data parallel over an initialised torch.distributed
+    process group (module docstring); `val_loader_fn` then gives this rank's shard
+    of the val set. Only rank 0 shows a progress bar."""
+    rank, world = _check_world(rank, world_size)
+    progress = progress and rank == 0
     if labeler not in LABEL_MODES:
         raise ConfigError(f"label mode '{labeler}': expected one of {', '.join(LABEL_MODES)}")
     ev, rl = cfg.eval, cfg.relabel
@@ -167,49 +245,68 @@ def train_student(images_uint8: torch.Tensor, labels_int: torch.Tensor, teacher:
         stream_seed = seed
     if num_classes is None:
         num_classes = stored["num_classes"] if stored is not None else int(labels_int.max()) + 1
+    # Whole-batch augmentation is needed only when images are mixed with partners.
+    mixing = (replay.stored["mix"] is not None) if replay is not None else rl.mix != "none"
 
-    student = create_student(cfg, num_classes, seed, int(images_uint8.shape[-1])).to(device)
-    optimizer = make_optimizer(student, ev)
     steps_per_epoch = math.ceil(n_img / batch_size)
+    # epoch_batches sizes: n_img // steps_per_epoch or one more, the same every epoch.
+    sizes = [len(b) for b in torch.tensor_split(torch.arange(n_img), steps_per_epoch)]
+    if world > 1 and min(sizes) < world:
+        raise ConfigError(f"eval.batch_size {batch_size}: with {n_img} images the smallest batch holds "
+                          f"{min(sizes)} images, fewer than the {world} data-parallel workers")
+    dropped = sum(n % world for n in sizes)
+    student = create_student(cfg, num_classes, seed, int(images_uint8.shape[-1])).to(device)
+    model = _wrap_data_parallel(student, device) if world > 1 else student
+    optimizer = make_optimizer(student, ev)
     scheduler = cosine_schedule(optimizer, epochs * steps_per_epoch)
     mean, std = list(cfg.data.mean), list(cfg.data.std)
     history = []
+    steps = 0
     start = time.perf_counter()
     bar = progress_bar(range(epochs), desc=desc, unit="epoch", disable=not progress)
     for epoch in bar:
-        student.train()
+        model.train()
         total, seen = 0.0, 0
         if replay is not None:
             batches = replay.batches(epoch)
         else:
             batches = epoch_batches(n_img, batch_size, stream_seed, epoch)
         for b, idx in enumerate(batches):
-            x = normalise_images(images_uint8[idx].to(device), mean, std)
+            rows = _rows(len(idx), rank, world)
+            # The rows this rank augments: all of the batch when mixing (partners), else its own.
+            run = idx if mixing else idx[rows]
+            x = normalise_images(images_uint8[run].to(device), mean, std)
             if replay is not None:
-                aug, mix = replay.augment(x, idx, epoch, b)
+                aug, mix = replay.augment(x, run, epoch, b)
             else:
-                aug, mix = augment_batch(x, idx, stream_seed, epoch, b, rl)
-            out = student(aug)
+                aug, mix = augment_batch(x, run, stream_seed, epoch, b, rl)
+            if mixing:
+                aug = aug[rows]
+            out = model(aug)
             if labeler == "hard":
-                loss = hard_loss(out, labels_int[idx].to(device), mix)
+                loss = hard_loss(out, labels_int[idx].to(device), mix, rows)
             else:
-                target = online.labels(aug) if online is not None else replay.labels(epoch, b, idx)
+                target = online.labels(aug) if online is not None else replay.labels(epoch, b, idx[rows])
                 loss = kd_loss(out, target, temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
+            steps += 1
+            n_rows = rows.stop - rows.start
+            total += float(loss.detach()) * n_rows
+            seen += n_rows
+        if world > 1:
+            total, seen = all_reduce_sum([total, seen], torch.float64, device)
         history.append({"epoch": epoch, "loss": total / seen, "lr": optimizer.param_groups[0]["lr"]})
         bar.set_postfix(loss=f"{total / seen:.4f}")
     bar.close()
     result: dict[str, Any] = {"top1": None, "top5": None, "val_count": 0}
-    if val_loader_fn is not None:
-        result = validate(student, val_loader_fn(), device, int(ev.val_limit))
+    if val_loader_fn is not None:  # the unwrapped student: validation runs no DDP collectives
+        result = validate(student, val_loader_fn(), device, int(ev.val_limit), distributed=world > 1)
         result["val_count"] = result.pop("count")
     result.update(epochs=epochs, seconds=time.perf_counter() - start, history=history, seed=seed,
-                  label_mode=labeler)
+                  label_mode=labeler, steps=steps, world_size=world, dropped_per_epoch=dropped)
     if return_model:
         result["model"] = student
     return result
@@ -252,6 +349,25 @@ def _mean_top1(summary: dict) -> float:
     return summary.get("top1_mean", summary["top1"])
 
 
+def _relabel(teacher: torch.nn.Module, images: torch.Tensor, cfg, device, rank: int, world: int,
+             progress: bool) -> dict:
+    """Stored labels for `images` (stream seed cfg.seed). Data parallel: rank r records
+    epochs [r * E / W, (r + 1) * E / W) over all images and the parts are all-gathered
+    and merged -- the same labels as one process recording every epoch."""
+    args = (teacher, images, list(cfg.data.mean), list(cfg.data.std), int(cfg.eval.epochs),
+            int(cfg.eval.batch_size), int(cfg.seed), cfg.relabel, device)
+    if world == 1:
+        return relabel_stored(*args, progress=progress)
+    import torch.distributed as dist
+
+    epochs = int(cfg.eval.epochs)
+    e0, e1 = rank * epochs // world, (rank + 1) * epochs // world
+    part = relabel_stored(*args, epoch_range=(e0, e1), progress=progress) if e1 > e0 else None
+    parts: list[dict | None] = [None] * world
+    dist.all_gather_object(parts, part)
+    return merge_labels([p for p in parts if p is not None])
+
+
 def evaluate_sets(distilled_images: torch.Tensor, distilled_labels, teacher: torch.nn.Module | None, cfg, device,
                   val_loader_fn: Callable[[], Any], random_real: tuple[torch.Tensor, Any] | None = None,
                   num_classes: int | None = None, label_mode: str | None = None,
@@ -272,8 +388,14 @@ def evaluate_sets(distilled_images: torch.Tensor, distilled_labels, teacher: tor
     eval seed draws its own stream). `hard_control`: also train with hard labels
     and report it under "hard". Per set, top1/top5 are the first seed's run;
     top1_mean / top1_std (sample standard deviation) appear with several seeds;
-    gain_over_random = distilled mean top-1 - random-real mean top-1."""
-    _check_world(rank, world_size)
+    gain_over_random = distilled mean top-1 - random-real mean top-1.
+
+    `rank` / `world_size`: data parallel (module docstring); every rank calls this
+    with the same arguments except `val_loader_fn`, which gives the rank's val
+    shard. Every rank returns the same dict; with W > 1 protocol.data_parallel
+    holds the world size, the drop rule and the images each set drops per epoch."""
+    rank, world = _check_world(rank, world_size)
+    progress = progress and rank == 0
     start = time.perf_counter()
     mode = label_mode or cfg.relabel.mode
     if mode not in LABEL_MODES:
@@ -296,26 +418,27 @@ def evaluate_sets(distilled_images: torch.Tensor, distilled_labels, teacher: tor
     stored = dict(stored or {})
     results: dict[str, Any] = {"method": method or cfg.method, "ipc": ipc, "num_classes": num_classes}
     if teacher is not None:
-        t = validate(teacher.to(device), val_loader_fn(), device, int(cfg.eval.val_limit))
+        t = validate(teacher.to(device), val_loader_fn(), device, int(cfg.eval.val_limit), distributed=world > 1)
         results["teacher"] = {"top1": t["top1"], "top5": t["top5"]}
     val_count = 0
+    dropped: dict[str, int] = {}
     for name, (images, labels) in sets.items():
         if mode == "stored" and name not in stored:
             if teacher is None:
                 raise EngineError(f"evaluate: label mode 'stored' has no stored labels for the {name} set "
                                   "and no teacher to compute them")
-            stored[name] = relabel_stored(teacher, images, list(cfg.data.mean), list(cfg.data.std),
-                                          int(cfg.eval.epochs), int(cfg.eval.batch_size), int(cfg.seed),
-                                          cfg.relabel, device, progress=progress)
+            stored[name] = _relabel(teacher, images, cfg, device, rank, world, progress)
         runs = [train_student(images, labels, teacher, cfg, s, device, labeler=mode, stored=stored.get(name),
-                              val_loader_fn=val_loader_fn, num_classes=num_classes, progress=progress,
-                              desc=f"{name} seed {s}") for s in seeds]
+                              val_loader_fn=val_loader_fn, num_classes=num_classes, rank=rank,
+                              world_size=world, progress=progress, desc=f"{name} seed {s}") for s in seeds]
         val_count = runs[0]["val_count"]
+        dropped[name] = runs[0]["dropped_per_epoch"]
         summary = _summary(runs)
         if hard_control and mode != "hard":
             hard_runs = [train_student(images, labels, None, cfg, s, device, labeler="hard",
-                                       val_loader_fn=val_loader_fn, num_classes=num_classes, progress=progress,
-                                       desc=f"{name} hard seed {s}") for s in seeds]
+                                       val_loader_fn=val_loader_fn, num_classes=num_classes, rank=rank,
+                                       world_size=world, progress=progress, desc=f"{name} hard seed {s}")
+                         for s in seeds]
             h = _summary(hard_runs)
             summary["hard"] = {k: h[k] for k in ("top1", "top1_mean", "top1_std") if k in h}
         results[name] = summary
@@ -335,5 +458,9 @@ def evaluate_sets(distilled_images: torch.Tensor, distilled_labels, teacher: tor
         "stream_seed": int(stored["distilled"]["seed"]) if mode == "stored" else "eval seed",
         "val_limit": int(ev.val_limit), "val_count": val_count,
     }
+    if world > 1:
+        results["protocol"]["data_parallel"] = {
+            "world_size": world, "uneven_batches": "drop the last batch_size % world_size images of each batch",
+            "dropped_per_epoch": dropped}
     results["timing_s"] = {"evaluate": round(time.perf_counter() - start, 3)}
     return results
