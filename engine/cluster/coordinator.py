@@ -109,6 +109,8 @@ def _run_on_ray(out, todo, factory, factory_kwargs, cfg, stats, bar, t0) -> None
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
             ).remote(out, factory, factory_kwargs, threads))
         stats["workers"] = n
+        ray.get([a.pid.remote() for a in actors])  # every actor has loaded its method (e.g. the teacher)
+        stats["startup_s"] = round(time.time() - t0, 2)
         _dispatch(actors, todo, int(cc.max_in_flight), retries, stats, bar, t0)
     finally:
         for a in actors:
