@@ -151,42 +151,70 @@ def run_relabel(cfg, out: str, locs: dict, device, show_progress: bool = True) -
             "full_fp16_bytes_per_image_epoch_1000_classes": full_logits_bytes_per_image_epoch(1000)}
 
 
-def random_real_set(cfg, locs, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def random_real_set(cfg, locs, num_classes: int, keys_only: bool = False):
+    """(images, labels, keys) of the random-real control: IPC real images per class, a seeded choice."""
     keys, labels = scan_labels(locs["train"], cfg.data.train_split)
     picks = pick_per_class(labels, list(range(num_classes)), cfg.synth.ipc, cfg.seed, "random_real")
     chosen = [keys[i] for c in range(num_classes) for i in picks[c]]
+    if keys_only:
+        return chosen
     imgs = load_images(locs["train"], cfg.data.train_split, chosen, cfg.data.channels)
     return (torch.stack([imgs[k] for k in chosen]),
             torch.tensor([c for c in range(num_classes) for _ in picks[c]]), chosen)
 
 
-def run_evaluate(cfg, out: str, locs: dict, device, show_progress: bool = True) -> dict:
-    from .evaluate import evaluate_sets
+def evaluate_inputs(rank: int | None, world_size: int | None, device, config: dict, out: str, locs: dict) -> dict:
+    """evaluate_sets' inputs, read from the store by each evaluation worker (or this process):
+    the distilled set, the teacher, the random-real control, stored labels, and this rank's
+    share of the validation shards."""
+    from .config import from_dict
     from .labels.relabel import load_labels
 
+    cfg = from_dict(config)
     images, labels, names = read_distilled(out)
-    teacher, tman = load_teacher(out, len(names), device)
+    teacher, _ = load_teacher(out, len(names), device)
     real = random_real_set(cfg, locs, len(names)) if cfg.eval.random_real else None
-    stored = None
-    if cfg.relabel.mode == "stored":
-        stored = {"distilled": load_labels(store.join(out, "labels", "distilled.pt"))}
+    stored = {"distilled": load_labels(store.join(out, "labels", "distilled.pt"))} \
+        if cfg.relabel.mode == "stored" else None
 
     def val_loader():
-        return loader_from_config(cfg.data, locs["val"], cfg.data.val_split, train=False)
+        return loader_from_config(cfg.data, locs["val"], cfg.data.val_split, train=False, rank=rank,
+                                  world_size=world_size)
+
+    return {"distilled_images": images, "distilled_labels": labels, "teacher": teacher, "val_loader_fn": val_loader,
+            "random_real": (real[0], real[1]) if real else None, "num_classes": len(names),
+            "label_mode": cfg.relabel.mode, "stored": stored, "method": cfg.method, "ipc": cfg.synth.ipc}
+
+
+def run_evaluate(cfg, out: str, locs: dict, device, show_progress: bool = True) -> dict:
+    """Students on the distilled set and the random-real control: data parallel on Ray Train
+    (cluster.eval_workers workers) with the Ray backend, in this process with the local one."""
+    from .cluster.session import check_backend
 
     t0 = time.time()
-    results = evaluate_sets(images, labels, teacher, cfg, device, val_loader,
-                            random_real=(real[0], real[1]) if real else None, num_classes=len(names),
-                            label_mode=cfg.relabel.mode, stored=stored, method=cfg.method, ipc=cfg.synth.ipc,
-                            progress=show_progress)
+    args = {"config": to_dict(cfg), "out": out, "locs": locs}
+    if check_backend(cfg.cluster) == "ray":
+        from .cluster.session import connect, wants_gpu
+        from .cluster.train_eval import evaluate_on_ray
+
+        resources = connect(cfg.cluster)
+        results = evaluate_on_ray(evaluate_inputs, args, cfg, int(cfg.cluster.eval_workers),
+                                  wants_gpu(str(cfg.device), resources), float(cfg.cluster.cpus_per_worker))
+    else:
+        from .evaluate import evaluate_sets
+
+        results = evaluate_sets(cfg=cfg, device=device, progress=show_progress,
+                                **evaluate_inputs(None, None, device, **args))
+    n = results["num_classes"]
     if cfg.eval.full_data_epochs:
-        results["full_data"] = full_data_reference(cfg, locs, len(names), device, show_progress)
+        results["full_data"] = full_data_reference(cfg, locs, n, device, show_progress)
+    tman = store.read_manifest(store.join(out, "teacher"))
     results["teacher"] = {**results.get("teacher", {}), **{k: tman["val"][k] for k in ("top1", "top5")},
                           "mode": tman["mode"], "model": tman["model"]["name"]}
     dman = store.read_json(store.join(out, DISTILLED, store.MANIFEST))
     results["synthesis"] = {"teacher_agreement": _mean_unit(out, "teacher_agreement"),
                             "units": dman.get("units")}
-    results["random_real_keys"] = real[2] if real else None
+    results["random_real_keys"] = random_real_set(cfg, locs, n, keys_only=True) if cfg.eval.random_real else None
     timing = results.setdefault("timing_s", {})
     timing["evaluate"] = round(time.time() - t0, 1)
     for stage, path in (("squeeze", "teacher"), ("synthesize", DISTILLED)):

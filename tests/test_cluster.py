@@ -161,3 +161,17 @@ def test_impossible_resources_fail_before_any_work(ray_cluster, tmp_path, overri
     with pytest.raises(EngineError, match=needle):
         run_units(str(tmp_path), units, trivial_worker, {}, cfg(*overrides), show_progress=False)
     assert not (tmp_path / "units").exists()
+
+
+def test_read_distilled_reads_every_image_inside_a_data_parallel_rank(ray_cluster, tmp_path, monkeypatch):
+    """An evaluation worker (rank 1 of 2) still reads the whole distilled set, not its rank's share."""
+    from cluster_methods import trivial_worker
+    from engine.cluster.merge import merge_distilled, read_distilled
+
+    units = plan_units("synthesize", 4, 3, 2, 1)
+    run_units(str(tmp_path), units, trivial_worker, {}, cfg("cluster.backend=local"), show_progress=False)
+    merge_distilled(str(tmp_path), units, [f"k{c}" for c in range(4)], 3, {"channels": 1})
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    images, labels, names = read_distilled(str(tmp_path))
+    assert len(images) == 12 and labels.tolist() == [c for c in range(4) for _ in range(3)]

@@ -85,13 +85,15 @@ def test_ray_job_submit_runs_the_demo_recipe(ray_head, tmp_path):
            "python", LAUNCHER, "--config", "configs/demo/fashion_scdd.yaml", "--out", str(out), "--quiet",
            "data.ffcv=false", "teacher.ssl_epochs=1", "teacher.ssl_train_limit=2000", "teacher.probe_epochs=1",
            "teacher.finetune_epochs=0", "synth.scdd.iterations=20", "eval.epochs=3", "eval.val_limit=1000",
-           "eval.full_data_epochs=0", "relabel.mode=stored"]
+           "eval.full_data_epochs=0", "relabel.mode=stored", "cluster.eval_workers=2"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0 and "succeeded" in r.stdout, (r.stdout + r.stderr)[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["num_classes"] == 10 and res["ipc"] == 10 and res["protocol"]["label_mode"] == "stored"
     man = json.loads((out / "distilled" / "manifest.json").read_text())
     assert man["units"]["backend"] == "ray" and man["units"]["ran"] == man["units"]["units"] == 1
+    assert res["protocol"]["data_parallel"]["world_size"] == 2  # Ray Train, 2 workers
+    assert res["protocol"]["val_count"] == 1000  # val_limit: each validation sample counted once
     assert (out / "labels" / "distilled.pt").exists() and (out / "preview.png").exists()
 
 

@@ -56,7 +56,8 @@ def read_distilled(out_or_dir: str) -> tuple[torch.Tensor, torch.Tensor, list[st
 
     d = out_or_dir if store.exists(store.join(out_or_dir, "index.json")) else store.join(out_or_dir, DISTILLED)
     store.read_manifest(d, verify=True)
-    reader = WebDatasetReader(d, "train", channels=_channels(d), return_key=True)
+    # every image, also inside a data-parallel worker (the reader would otherwise take its rank's share)
+    reader = WebDatasetReader(d, "train", channels=_channels(d), return_key=True, rank=0, world_size=1)
     items = sorted(((k, x, y) for x, y, k in reader), key=lambda t: t[0])
     return torch.stack([x for _, x, _ in items]), torch.tensor([y for _, _, y in items]), reader.classes
 

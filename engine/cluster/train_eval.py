@@ -34,24 +34,8 @@ import tempfile
 import uuid
 from typing import Any, Callable
 
-from ..config import to_dict
+from ..config import from_dict, to_dict
 from ..errors import ConfigError, EngineError
-
-
-def _rebuild_config(cfg_dict: dict):
-    """The worker's engine config: the EngineConfig schema merged with the sent values."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from ..config import EngineConfig
-
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(EngineConfig), cfg_dict)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"evaluate on Ray: the config does not fit the engine schema "
-                          f"({str(exc).splitlines()[0]})") from None
-    OmegaConf.set_readonly(cfg, False)
-    return cfg
 
 
 def _evaluate_worker(config: dict) -> dict | None:
@@ -68,7 +52,7 @@ def _evaluate_worker(config: dict) -> dict | None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    cfg = _rebuild_config(config["cfg"])
+    cfg = from_dict(config["cfg"])
     kwargs = config["inputs_fn"](rank=rank, world_size=world, device=device, **config["inputs_args"])
     results = evaluate_sets(cfg=cfg, device=device, rank=rank, world_size=world, progress=(rank == 0), **kwargs)
     return results if rank == 0 else None
