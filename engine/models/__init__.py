@@ -3,11 +3,15 @@
     create_model("resnet18", num_classes=10, in_chans=1, small_input=True, width=16)
     create_model("timm:resnet50", 1000)          # any timm architecture
     create_model("tv:resnet18", 1000)            # any torchvision classification model
-    create_model("convnetd3", 10, in_chans=1, image_size=28)
+    create_model("convnetd3", 10, in_chans=1, image_size=28)              # 128 channels per block
+    create_model("convnetd3", 10, in_chans=1, image_size=28, width=64)    # a narrower ConvNet
 
 ResNets come from timm (its ResNet takes per-stage channels, which gives the
 narrow widths a CPU needs: width=16 -> 16-32-64-128). `small_input` swaps the
 7x7/stride-2 stem and max-pool for a 3x3/stride-1 stem, for 28-64 px inputs.
+`width` left at None gives each family its standard width: 64 for ResNets
+(64-128-256-512), 128 channels per block for ConvNets; a ConvNet ignores
+`small_input`.
 """
 from __future__ import annotations
 
@@ -43,18 +47,22 @@ def _narrow_stem(model: nn.Module, width: int) -> None:
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, small_input: bool = False,
-                 width: int = 64, image_size: int = 32, **kwargs) -> nn.Module:
+                 width: int | None = None, image_size: int = 32, **kwargs) -> nn.Module:
     if num_classes < 1:
         raise ConfigError(f"model.num_classes: expected a positive number, got {num_classes}")
     lib, sep, arch = name.partition(":")
     if not sep:
         lib, arch = "", name
     arch = arch.lower()
+    if width is not None and int(width) < 1:
+        raise ConfigError(f"model.width: expected a positive number, got {width}")
     if lib == "" and arch in CONVNETS:
-        return ConvNet(in_chans, num_classes, depth=CONVNETS[arch], image_size=image_size, **kwargs)
+        return ConvNet(in_chans, num_classes, depth=CONVNETS[arch], width=128 if width is None else int(width),
+                       image_size=image_size, **kwargs)
     if lib in ("", "timm") and arch in RESNETS:
         import timm
 
+        width = 64 if width is None else int(width)
         channels = tuple(width * m for m in (1, 2, 4, 8))
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
                                   channels=channels, **kwargs)
