@@ -98,11 +98,36 @@ class ScddConfig:
 
 
 @dataclass
+class TeslaConfig:
+    """Soft-label TESLA distillation (METHODS.md section 2): every argument of
+    engine.synth.tesla.distill. Defaults: the ImageNet-1K IPC 1 reference. Units are
+    IPC slices over all classes (synth.ipc_per_unit IPC indices each; synth.class_block
+    is not used); each slice learns its own step size."""
+    iterations: int = 5000  # distillation iterations per IPC slice (MTT's default)
+    syn_steps: int = 10  # N: student steps per iteration
+    expert_epochs: int = 3  # M: the target is the expert M epochs after the start
+    max_start_epoch: int = 10  # start epochs are drawn from 0 .. max_start_epoch - 1
+    batch_syn: int = 100  # synthetic images per student step (0: all images of the slice)
+    lr_img: float = 1e4  # SGD lr of the images
+    lr_lr: float = 1e-4  # SGD lr of the learned step size alpha
+    syn_lr_init: float = 0.01  # alpha starts at the experts' lr
+    momentum_img: float = 0.5
+    momentum_lr: float = 0.5
+    mode: str = "exact"  # exact | tesla | unrolled (gradient of the matching loss)
+    label_mode: str = "per_iteration"  # per_iteration (published) | frozen | hard
+    label_expert: int = 0  # expert whose last target epoch labels (and judges) the images
+    init: str = "real"  # real (distinct real images per class and IPC index) | noise
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"  # DSA families ('' or none: no augmentation)
+    log_every: int = 10  # iterations between loss records in the unit manifests
+
+
+@dataclass
 class SynthConfig:
     ipc: int = 10
     class_block: int = 10  # classes per recovery batch (one image per class)
     ipc_per_unit: int = 10  # IPC indices per unit of work (several share one forward pass)
     scdd: ScddConfig = field(default_factory=ScddConfig)
+    tesla: TeslaConfig = field(default_factory=TeslaConfig)
 
 
 @dataclass
@@ -119,6 +144,21 @@ class RelabelConfig:
 
 
 @dataclass
+class TeslaEvalConfig:
+    """Evaluation protocol `tesla` (METHODS.md section 2): a fresh eval.student trained on
+    the images with their stored soft labels (soft-target CE, no temperature) and DSA,
+    SGD at the learned step size; the random-real control is labelled by the same expert."""
+    epochs: int = 1000
+    batch_size: int = 256
+    lr: float = 0.0  # 0: the learned alpha (the mean over IPC slices); > 0: this lr instead
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # on every parameter, as the reference
+    lr_decay_at: float = 0.5  # lr x lr_decay_factor from epoch int(epochs * lr_decay_at) on
+    lr_decay_factor: float = 0.1
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+
+
+@dataclass
 class EvalConfig:
     student: ModelConfig = field(default_factory=ModelConfig)
     epochs: int = 300
@@ -131,6 +171,41 @@ class EvalConfig:
     random_real: bool = True  # train the random-real control too
     full_data_epochs: int = 0  # >0: also train the student on the full data (reference)
     val_limit: int = 0  # validate on the first N samples only (0: all)
+    protocol: str = "kd"  # kd (the relabel.mode labels, eval.* optimiser) | tesla (method tesla: eval.tesla)
+    tesla: TeslaEvalConfig = field(default_factory=TeslaEvalConfig)
+
+
+@dataclass
+class ExpertModelConfig:
+    """The ConvNet of trajectory matching: depth x [3x3 conv + norm + ReLU + avg pool] + linear."""
+    name: str = "convnetd3"  # convnetd3 | convnetd4 | convnetd5 (D4 at 64 px for ImageNet-1K)
+    width: int = 128  # channels per block
+    norm: str = "instance"  # instance | batch | none
+
+
+@dataclass
+class ExpertsConfig:
+    """Expert trajectories for TESLA (METHODS.md sections 2 and 3): E experts trained on the
+    real training images with SGD + DSA, flat parameters saved at initialisation and after
+    every epoch. Defaults: the reference (SGD lr 0.01, no momentum, batch 256, 50 epochs)."""
+    num_experts: int = 100  # the reference buffer script's default
+    epochs: int = 50
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    lr_decay_epochs: list[int] = field(default_factory=list)  # lr x lr_decay_factor after these epochs (AST: [26])
+    lr_decay_factor: float = 0.1  # (AST: 0.6)
+    save_epochs: list[int] = field(default_factory=list)  # epochs to keep (0 = initialisation); empty: every epoch
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    # AST smoothing (off by default): CE factors of the first epochs (AST: 0.5, 0.55, ..., 0.95)
+    # and the weight of the input-gradient penalty (AST: 2)
+    ce_scale_schedule: list[float] = field(default_factory=list)
+    grad_penalty: float = 0.0
+    model: ExpertModelConfig = field(default_factory=ExpertModelConfig)
+    train_limit: int = 0  # train on a seeded class-balanced subset of N images (0: the whole split)
+    val_limit: int = 0  # validate each expert on the first N val images (0: all)
+    location: str = ""  # experts made elsewhere (a directory or URL); "" = OUT/experts
 
 
 @dataclass
@@ -156,11 +231,12 @@ class ClusterConfig:
 class EngineConfig:
     name: str = "demo"
     seed: int = 0
-    method: str = "scdd"
+    method: str = "scdd"  # scdd | tesla
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch threads (0: the CPUs this process may use)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
