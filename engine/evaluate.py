@@ -64,6 +64,16 @@ gloo on CPU, NCCL on GPU):
   over all images gives exactly the full run's labels.
 - only rank 0 shows progress bars. With W = 1 (or None) nothing of this runs and
   the results are those of a plain single-process run.
+
+Label mode `soft` (`train_student_soft`, TESLA's protocol `tesla`, METHODS.md
+section 2): fixed per-image soft labels given by the caller (TESLA stores the
+labelling expert's softmax; the random-real control is labelled by the same
+expert), soft-target cross-entropy (no temperature), one DSA draw per batch
+(engine.synth.dsa, per-sample parameters from (seed, epoch, batch)), SGD with
+momentum and weight decay on every parameter at a given lr (TESLA: the learned
+step size), lr x factor from a fraction of the epochs on (eval.tesla). Data
+parallel exactly as above (every rank augments the whole batch, trains on its
+rows under the drop rule).
 """
 from __future__ import annotations
 
@@ -85,6 +95,7 @@ from .progress import progress as progress_bar
 from .seeding import derive_seed, torch_gen
 
 LABEL_MODES = ("online", "stored", "hard")
+SOFT_MODE = "soft"  # fixed per-image soft labels, protocol `tesla` (train_student_soft)
 OPTIMIZERS = ("adamw", "sgd")
 KD_LOSS = "kl_batchmean"  # KL(softmax(t/T) || softmax(s/T)), batchmean, no T^2 factor
 
@@ -312,6 +323,95 @@ def train_student(images_uint8: torch.Tensor, labels_int: torch.Tensor, teacher:
     return result
 
 
+def train_student_soft(images_uint8: torch.Tensor, soft_labels: torch.Tensor, cfg, seed: int, device, lr: float,
+                       val_loader_fn: Callable[[], Any] | None = None, num_classes: int | None = None,
+                       rank: int | None = None, world_size: int | None = None, progress: bool = True,
+                       desc: str = "student") -> dict[str, Any]:
+    """Train a fresh cfg.eval.student on images (uint8 or normalised float, (N, C, H, W)) with fixed
+    per-image soft labels (N, num_classes) under TESLA's protocol (module docstring; settings in
+    cfg.eval.tesla, the lr given) and validate it. Returns what train_student returns
+    (label_mode 'soft', plus lr)."""
+    from .synth.dsa import apply_dsa, parse_strategy, sample_dsa
+
+    rank, world = _check_world(rank, world_size)
+    progress = progress and rank == 0
+    et = cfg.eval.tesla
+    device = torch.device(device)
+    n_img = len(images_uint8)
+    if n_img == 0:
+        raise EngineError("train_student_soft: no images to train on")
+    soft_labels = torch.as_tensor(soft_labels)
+    if soft_labels.dim() != 2 or len(soft_labels) != n_img:
+        raise EngineError(f"train_student_soft: soft labels of shape {tuple(soft_labels.shape)} for {n_img} images "
+                          "(expected one probability row per image)")
+    if not bool(torch.isfinite(soft_labels).all()):
+        raise EngineError("train_student_soft: non-finite soft labels")
+    if num_classes is None:
+        num_classes = soft_labels.shape[1]
+    if soft_labels.shape[1] != num_classes:
+        raise EngineError(f"train_student_soft: soft labels over {soft_labels.shape[1]} classes, "
+                          f"the student has {num_classes}")
+    epochs, batch_size, lr = int(et.epochs), int(et.batch_size), float(lr)
+    if epochs < 1:
+        raise ConfigError(f"eval.tesla.epochs: expected a positive number, got {epochs}")
+    if batch_size < 1:
+        raise ConfigError(f"eval.tesla.batch_size: expected a positive number, got {batch_size}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"evaluate: the student lr (the learned step size, or eval.tesla.lr) must be a finite "
+                          f"positive number, got {lr}")
+    strategy = et.dsa_strategy or None
+    parse_strategy(strategy)
+    steps_per_epoch = math.ceil(n_img / batch_size)
+    sizes = [len(b) for b in torch.tensor_split(torch.arange(n_img), steps_per_epoch)]
+    if world > 1 and min(sizes) < world:
+        raise ConfigError(f"eval.tesla.batch_size {batch_size}: with {n_img} images the smallest batch holds "
+                          f"{min(sizes)} images, fewer than the {world} data-parallel workers")
+    dropped = sum(n % world for n in sizes)
+    student = create_student(cfg, num_classes, seed, int(images_uint8.shape[-1])).to(device)
+    model = _wrap_data_parallel(student, device) if world > 1 else student
+    optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=float(et.momentum),
+                                weight_decay=float(et.weight_decay))
+    decay_epoch = int(epochs * float(et.lr_decay_at))
+    x_all = normalise_images(images_uint8, list(cfg.data.mean), list(cfg.data.std)).to(device)
+    targets = soft_labels.to(device=device, dtype=torch.float32)
+    size = tuple(x_all.shape[-2:])
+    history = []
+    steps = 0
+    start = time.perf_counter()
+    bar = progress_bar(range(epochs), desc=desc, unit="epoch", disable=not progress)
+    for epoch in bar:
+        if epoch == decay_epoch and epoch > 0:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * float(et.lr_decay_factor)
+        model.train()
+        total, seen = 0.0, 0
+        for b, idx in enumerate(epoch_batches(n_img, batch_size, seed, epoch)):
+            rows = _rows(len(idx), rank, world)
+            draw = sample_dsa(strategy, len(idx), size, seed, "tesla-eval-dsa", epoch, b)
+            aug = apply_dsa(x_all[idx.to(device)], draw)[rows]
+            out = model(aug)
+            loss = F.cross_entropy(out, targets[idx[rows].to(device)])  # soft targets: -sum p log q, batch mean
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            n_rows = rows.stop - rows.start
+            total += float(loss.detach()) * n_rows
+            seen += n_rows
+        if world > 1:
+            total, seen = all_reduce_sum([total, seen], torch.float64, device)
+        history.append({"epoch": epoch, "loss": total / seen, "lr": optimizer.param_groups[0]["lr"]})
+        bar.set_postfix(loss=f"{total / seen:.4f}")
+    bar.close()
+    result: dict[str, Any] = {"top1": None, "top5": None, "val_count": 0}
+    if val_loader_fn is not None:
+        result = validate(student, val_loader_fn(), device, int(cfg.eval.val_limit), distributed=world > 1)
+        result["val_count"] = result.pop("count")
+    result.update(epochs=epochs, seconds=time.perf_counter() - start, history=history, seed=seed,
+                  label_mode=SOFT_MODE, steps=steps, world_size=world, dropped_per_epoch=dropped, lr=lr)
+    return result
+
+
 def pick_random_real(labels, ipc: int, seed: int, num_classes: int | None = None) -> torch.Tensor:
     """Indices of a random real subset: `ipc` distinct images of every class,
     chosen per class from (seed, "random_real", class); int64, class by class.
@@ -373,7 +473,8 @@ def evaluate_sets(distilled_images: torch.Tensor, distilled_labels, teacher: tor
                   num_classes: int | None = None, label_mode: str | None = None,
                   stored: dict[str, dict] | None = None, hard_control: bool = False, method: str | None = None,
                   ipc: int | None = None, rank: int | None = None, world_size: int | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, soft: dict[str, torch.Tensor] | None = None,
+                  soft_lr: float | None = None) -> dict[str, Any]:
     """Train students on the distilled set and the random-real control under the
     same protocol, once per seed in cfg.eval.seeds, and build the results dict of
     DESIGN.md ("results.json"): method, ipc, num_classes, teacher (when given),
@@ -393,14 +494,20 @@ def evaluate_sets(distilled_images: torch.Tensor, distilled_labels, teacher: tor
     `rank` / `world_size`: data parallel (module docstring); every rank calls this
     with the same arguments except `val_loader_fn`, which gives the rank's val
     shard. Every rank returns the same dict; with W > 1 protocol.data_parallel
-    holds the world size, the drop rule and the images each set drops per epoch."""
+    holds the world size, the drop rule and the images each set drops per epoch.
+
+    `label_mode='soft'` (TESLA's protocol): `soft` = {"distilled": (N, C) probabilities,
+    "random_real": ...} per set and `soft_lr` the students' SGD lr; train_student_soft
+    trains each set (the teacher, when given, is only validated and reported)."""
     rank, world = _check_world(rank, world_size)
     progress = progress and rank == 0
     start = time.perf_counter()
     mode = label_mode or cfg.relabel.mode
-    if mode not in LABEL_MODES:
+    if mode not in LABEL_MODES and mode != SOFT_MODE:
         raise ConfigError(f"relabel.mode '{mode}': expected one of {', '.join(LABEL_MODES)}")
-    if mode != "hard" and teacher is None and not (mode == "stored" and stored):
+    if mode == SOFT_MODE and (soft is None or soft_lr is None):
+        raise EngineError("evaluate: label mode 'soft' needs the soft labels of every set and the student lr")
+    if mode not in ("hard", SOFT_MODE) and teacher is None and not (mode == "stored" and stored):
         raise EngineError(f"evaluate: label mode '{mode}' needs a teacher")
     seeds = [int(s) for s in cfg.eval.seeds]
     if not seeds:
@@ -428,9 +535,16 @@ def evaluate_sets(distilled_images: torch.Tensor, distilled_labels, teacher: tor
                 raise EngineError(f"evaluate: label mode 'stored' has no stored labels for the {name} set "
                                   "and no teacher to compute them")
             stored[name] = _relabel(teacher, images, cfg, device, rank, world, progress)
-        runs = [train_student(images, labels, teacher, cfg, s, device, labeler=mode, stored=stored.get(name),
-                              val_loader_fn=val_loader_fn, num_classes=num_classes, rank=rank,
-                              world_size=world, progress=progress, desc=f"{name} seed {s}") for s in seeds]
+        if mode == SOFT_MODE:
+            if name not in soft:
+                raise EngineError(f"evaluate: label mode 'soft' has no soft labels for the {name} set")
+            runs = [train_student_soft(images, soft[name], cfg, s, device, soft_lr, val_loader_fn=val_loader_fn,
+                                       num_classes=num_classes, rank=rank, world_size=world, progress=progress,
+                                       desc=f"{name} seed {s}") for s in seeds]
+        else:
+            runs = [train_student(images, labels, teacher, cfg, s, device, labeler=mode, stored=stored.get(name),
+                                  val_loader_fn=val_loader_fn, num_classes=num_classes, rank=rank,
+                                  world_size=world, progress=progress, desc=f"{name} seed {s}") for s in seeds]
         val_count = runs[0]["val_count"]
         dropped[name] = runs[0]["dropped_per_epoch"]
         summary = _summary(runs)
@@ -458,6 +572,17 @@ def evaluate_sets(distilled_images: torch.Tensor, distilled_labels, teacher: tor
         "stream_seed": int(stored["distilled"]["seed"]) if mode == "stored" else "eval seed",
         "val_limit": int(ev.val_limit), "val_count": val_count,
     }
+    if mode == SOFT_MODE:  # TESLA's protocol replaces the eval.* optimiser, schedule and crops
+        et = cfg.eval.tesla
+        results["protocol"] = {
+            "name": "tesla", "label_mode": SOFT_MODE, "epochs": int(et.epochs), "batch": int(et.batch_size),
+            "optimizer": "sgd", "lr": float(soft_lr), "momentum": float(et.momentum),
+            "weight_decay": float(et.weight_decay), "weight_decay_on": "every parameter",
+            "schedule": f"x{float(et.lr_decay_factor)} from epoch {int(int(et.epochs) * float(et.lr_decay_at))}",
+            "loss": "soft-target cross-entropy, no temperature", "augment": f"dsa {et.dsa_strategy or 'none'}",
+            "seeds": seeds, "stream_seed": "eval seed",
+            "student": {"name": ev.student.name, "width": int(ev.student.width)},
+            "val_limit": int(ev.val_limit), "val_count": val_count}
     if world > 1:
         results["protocol"]["data_parallel"] = {
             "world_size": world, "uneven_batches": "drop the last batch_size % world_size images of each batch",
