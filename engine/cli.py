@@ -17,8 +17,8 @@ from .errors import EngineError, run_guarded
 STAGES = {
     "prepare": ("build train/val shards (WebDataset + FFCV) from the configured raw source", None),
     "squeeze": ("train or load the teacher (supervised or self-supervised + probe)", None),
-    "experts": ("train expert trajectories for trajectory matching (TESLA)", 5),
-    "synthesize": ("distil images (SC-DD recovery; TESLA, DataDAM, RDED in later issues) into distilled/", None),
+    "experts": ("train expert trajectories for trajectory matching (TESLA) into experts/", None),
+    "synthesize": ("distil images (SC-DD recovery or TESLA; DataDAM, RDED in later issues) into distilled/", None),
     "relabel": ("soft labels for the distilled images (stored mode)", None),
     "evaluate": ("train students on distilled and random-real sets, write results.json", None),
     "run": ("the whole pipeline, skipping stages whose artifacts exist", None),
@@ -102,12 +102,17 @@ def _dispatch(args) -> None:
         stage_prepare(cfg, out, quiet)
     elif args.stage == "squeeze":
         stage_squeeze(cfg, out, quiet)
+    elif args.stage == "experts":
+        stage_experts(cfg, out, quiet)
     elif args.stage in ("synthesize", "relabel", "evaluate"):
         STAGE_FUNCS[args.stage](cfg, out, quiet)
     elif args.stage == "run":
         t0 = time.time()
         stage_prepare(cfg, out, quiet)
-        stage_squeeze(cfg, out, quiet)
+        if cfg.method == "tesla":  # experts instead of a teacher: an expert labels the images and the control
+            stage_experts(cfg, out, quiet)
+        else:
+            stage_squeeze(cfg, out, quiet)
         for name in ("synthesize", "relabel", "evaluate"):
             STAGE_FUNCS[name](cfg, out, quiet)
         print(f"run: done in {time.time() - t0:.0f} s; results in {store.join(out, 'results.json')}, "
@@ -122,6 +127,20 @@ def _env(cfg, out):
     return prepared_locations(cfg, out), pick_device(cfg.device)
 
 
+def stage_experts(cfg, out: str, quiet: bool) -> dict:
+    from .synth.tesla_stage import run_experts
+
+    locs, device = _env(cfg, out)
+    res = run_experts(cfg, out, locs, device, show_progress=not quiet)
+    m = res["manifest"]
+    top1 = ", ".join(f"{x['val_top1']:.2f}" for x in m["experts"])
+    how = "skipped, exists" if res["skipped"] else (f"done ({res['units']['ran']} trained, "
+                                                     f"{res['units']['skipped']} already done)")
+    print(f"experts: {how}; {m['num_experts']} x {m['model']['name']} (width {m['model']['width']}) for "
+          f"{m['epochs']} epochs on {m['train_images']} images: val top-1 {top1} % [{m['timing_s']} s]")
+    return res
+
+
 def stage_synthesize(cfg, out: str, quiet: bool) -> dict:
     from .pipeline import run_synthesize
 
@@ -133,12 +152,21 @@ def stage_synthesize(cfg, out: str, quiet: bool) -> dict:
         u = res["units"]
         print(f"synthesize: {res['num_images']} images from {u['units']} units ({u['ran']} run, "
               f"{u['skipped']} already done) in {u['seconds']} s -> {res['dest']}")
+        t = res["manifest"].get("tesla")
+        if t:
+            lrs = ", ".join(f"{v:.5f}" for v in t["syn_lr_per_unit"].values())
+            print(f"synthesize: learned lr per IPC slice {lrs} (mean {t['syn_lr_mean']:.5f}); the labelling "
+                  f"expert assigns {t['agreement_final_count']} of {res['num_images']} final images to their class; "
+                  f"soft labels -> {t['soft_labels']}")
     return res
 
 
 def stage_relabel(cfg, out: str, quiet: bool) -> dict:
     from .pipeline import run_relabel
 
+    if cfg.method == "tesla":
+        print("relabel: skipped (TESLA stores its soft labels at synthesis: labels/tesla_soft.pt)")
+        return {"skipped": True, "reason": "method tesla"}
     locs, device = _env(cfg, out)
     res = run_relabel(cfg, out, locs, device, show_progress=not quiet)
     if res["skipped"]:

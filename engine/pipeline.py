@@ -19,7 +19,7 @@ from .errors import EngineError
 from .preview import preview_grid
 from .teacher import load_teacher
 
-METHODS = ("scdd",)
+METHODS = ("scdd", "tesla")
 
 
 def _classes(cfg, locs) -> list[str]:
@@ -73,9 +73,15 @@ def scdd_worker(config: dict, out: str, locs: dict):
 def run_synthesize(cfg, out: str, locs: dict, device, show_progress: bool = True) -> dict:
     if cfg.method not in METHODS:
         raise EngineError(f"config key 'method': expected one of {', '.join(METHODS)}, got '{cfg.method}'")
+    if cfg.method == "tesla":  # IPC slices against expert trajectories (engine.synth.tesla_stage)
+        from .synth.tesla_stage import run_synthesize_tesla
+
+        return run_synthesize_tesla(cfg, out, locs, device, show_progress)
     classes = _classes(cfg, locs)
     dest = store.join(out, DISTILLED)
-    settings_hash = config_hash({"synth": cfg.synth, "seed": cfg.seed, "method": cfg.method})
+    # synth.tesla is left out so that SC-DD's settings hash is what it was before TESLA's section existed
+    scdd_synth = {k: cfg.synth[k] for k in cfg.synth if k != "tesla"}
+    settings_hash = config_hash({"synth": scdd_synth, "seed": cfg.seed, "method": cfg.method})
     if store.exists(store.join(dest, store.MANIFEST)):
         m = store.read_json(store.join(dest, store.MANIFEST))
         if m.get("settings_hash") == settings_hash:
@@ -193,18 +199,25 @@ def run_evaluate(cfg, out: str, locs: dict, device, show_progress: bool = True) 
 
     t0 = time.time()
     args = {"config": to_dict(cfg), "out": out, "locs": locs}
+    inputs_fn = evaluate_inputs
+    if cfg.method == "tesla":  # experts label the sets, soft labels from synthesis (engine.synth.tesla_stage)
+        from .synth.tesla_stage import tesla_eval_inputs as inputs_fn
     if check_backend(cfg.cluster) == "ray":
         from .cluster.session import connect, wants_gpu
         from .cluster.train_eval import evaluate_on_ray
 
         resources = connect(cfg.cluster)
-        results = evaluate_on_ray(evaluate_inputs, args, cfg, int(cfg.cluster.eval_workers),
+        results = evaluate_on_ray(inputs_fn, args, cfg, int(cfg.cluster.eval_workers),
                                   wants_gpu(str(cfg.device), resources), float(cfg.cluster.cpus_per_worker))
     else:
         from .evaluate import evaluate_sets
 
         results = evaluate_sets(cfg=cfg, device=device, progress=show_progress,
-                                **evaluate_inputs(None, None, device, **args))
+                                **inputs_fn(None, None, device, **args))
+    if cfg.method == "tesla":
+        from .synth.tesla_stage import finish_tesla_results
+
+        return finish_tesla_results(cfg, out, locs, device, results, t0, show_progress)
     n = results["num_classes"]
     if cfg.eval.full_data_epochs:
         results["full_data"] = full_data_reference(cfg, locs, n, device, show_progress)
