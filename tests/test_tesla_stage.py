@@ -252,6 +252,23 @@ def test_convnet_width_is_configurable_and_defaults_stay():
         create_model("convnetd3", 10, width=0)
 
 
+# --------------------------------------------------------------------------- recipes and launcher
+def test_imagenet_recipe_is_the_reference_and_its_launcher_checks_locations():
+    from engine.config import load_config
+    from engine.synth.tesla_stage import check_experts_config, check_tesla_config
+
+    cfg = load_config("configs/imagenet1k/tesla_convd4_ipc50.yaml")
+    t = cfg.synth.tesla
+    assert (cfg.data.image_size, cfg.experts.model.name, cfg.synth.ipc, cfg.method) == (64, "convnetd4", 50, "tesla")
+    assert (t.syn_steps, t.expert_epochs, t.max_start_epoch, t.batch_syn, t.lr_img, t.lr_lr, t.syn_lr_init) == \
+        (10, 3, 10, 100, 1e4, 1e-4, 0.01)
+    assert cfg.experts.epochs >= t.max_start_epoch + t.expert_epochs - 1 and cfg.eval.protocol == "tesla"
+    check_tesla_config(cfg)
+    check_experts_config(cfg)
+    r = run_tool("launchers/imagenet_tesla.py", "--out", "relative/dir")
+    assert r.returncode == 2 and "expected an absolute path or a URL" in r.stderr
+
+
 # --------------------------------------------------------------------------- the real recipe
 @pytest.mark.slow
 def test_fashion_tesla_recipe_end_to_end_small(tmp_path):
