@@ -122,12 +122,27 @@ class TeslaConfig:
 
 
 @dataclass
+class RdedConfig:
+    """RDED (engine.synth.rded): real crops picked by the teacher, stitched k x k. Defaults: the reference's ImageNet-1K recipe (LINs-lab/RDED,
+    scripts/imagenet-1k_10ipc_resnet-18_to_resnet-18_cr5.sh; the CIFAR and Tiny-ImageNet scripts
+    use factor 1)."""
+    factor: int = 2  # factor x factor patches per image (--factor); 1: one whole crop per image
+    candidates_per_image: int = 5  # random crops scored per real image, the best one kept (--num-crop)
+    num_real: int = 300  # real images per class, a seeded choice (--mipc); >= ipc * factor^2
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # crop area range (RandomResizedCrop)
+    crop_ratio: list[float] = field(default_factory=lambda: [1.0, 1.0])  # crop aspect range (square, as the reference)
+    score_input: str = "pad"  # pad (zeros to image_size, the reference) | resize (patch upsampled)
+    score_batch_size: int = 256  # crops per teacher forward pass while scoring
+
+
+@dataclass
 class SynthConfig:
     ipc: int = 10
     class_block: int = 10  # classes per recovery batch (one image per class)
     ipc_per_unit: int = 10  # IPC indices per unit of work (several share one forward pass)
     scdd: ScddConfig = field(default_factory=ScddConfig)
     tesla: TeslaConfig = field(default_factory=TeslaConfig)
+    rded: RdedConfig = field(default_factory=RdedConfig)
 
 
 @dataclass
@@ -231,7 +246,7 @@ class ClusterConfig:
 class EngineConfig:
     name: str = "demo"
     seed: int = 0
-    method: str = "scdd"  # scdd | tesla
+    method: str = "scdd"  # scdd | tesla | rded
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch threads (0: the CPUs this process may use)
     data: DataConfig = field(default_factory=DataConfig)

@@ -19,7 +19,7 @@ from .errors import EngineError
 from .preview import preview_grid
 from .teacher import load_teacher
 
-METHODS = ("scdd", "tesla")
+METHODS = ("scdd", "tesla", "rded")
 
 
 def _classes(cfg, locs) -> list[str]:
@@ -79,9 +79,16 @@ def run_synthesize(cfg, out: str, locs: dict, device, show_progress: bool = True
         return run_synthesize_tesla(cfg, out, locs, device, show_progress)
     classes = _classes(cfg, locs)
     dest = store.join(out, DISTILLED)
-    # synth.tesla is left out so that SC-DD's settings hash is what it was before TESLA's section existed
-    scdd_synth = {k: cfg.synth[k] for k in cfg.synth if k != "tesla"}
-    settings_hash = config_hash({"synth": scdd_synth, "seed": cfg.seed, "method": cfg.method})
+    if cfg.method == "rded":  # real patches picked by the teacher (engine.synth.rded_stage)
+        from .synth.rded_stage import check_rded_config, rded_worker, settings_for_hash
+
+        check_rded_config(cfg)
+        factory, settings_hash = rded_worker, config_hash(settings_for_hash(cfg))
+    else:
+        # only what decides SC-DD's images (other methods' sections leave its hash alone)
+        scdd_synth = {k: cfg.synth[k] for k in ("ipc", "class_block", "ipc_per_unit", "scdd")}
+        factory = scdd_worker
+        settings_hash = config_hash({"synth": scdd_synth, "seed": cfg.seed, "method": cfg.method})
     if store.exists(store.join(dest, store.MANIFEST)):
         m = store.read_json(store.join(dest, store.MANIFEST))
         if m.get("settings_hash") == settings_hash:
@@ -90,7 +97,7 @@ def run_synthesize(cfg, out: str, locs: dict, device, show_progress: bool = True
     _, tman = load_teacher(out, len(classes), "cpu")  # fails here, before any worker starts, if it is unusable
     units = plan_units("synthesize", len(classes), cfg.synth.ipc, cfg.synth.class_block, cfg.synth.ipc_per_unit)
     t0 = time.time()
-    ran, merged = run_and_merge(out, units, scdd_worker, {"config": to_dict(cfg), "out": out, "locs": locs}, cfg,
+    ran, merged = run_and_merge(out, units, factory, {"config": to_dict(cfg), "out": out, "locs": locs}, cfg,
                                 lambda stats: merge_distilled(out, units, classes, cfg.synth.ipc, {
                                     "method": cfg.method, "settings_hash": settings_hash, "seed": cfg.seed,
                                     "channels": cfg.data.channels, "teacher": tman["model"],

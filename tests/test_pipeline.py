@@ -114,3 +114,19 @@ def test_demo_recipe_end_to_end_small(tmp_path):
     assert res["synthesis"]["teacher_agreement"] > 0.3  # 3x chance, from a weak one-epoch teacher
     assert (out / "preview.png").stat().st_size > 10_000
     assert "| distilled |" in r.stdout
+
+
+def test_rded_method_runs_as_units_and_merges(digits_run, tmp_path, capsys):
+    """method=rded plugs into the same stage: units, merge, distilled/ with every (class, IPC index) once."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(digits_run, out, ignore=shutil.ignore_patterns("distilled", "units", "results.json"))
+    rded = ["method=rded", "synth.rded.num_real=20", "synth.rded.candidates_per_image=2"]
+    assert main(["synthesize", "--config", "configs/demo/fashion_scdd.yaml", "--out", str(out), "--quiet", *DIGITS,
+                 *rded]) == 0
+    m = store.read_manifest(str(out / "distilled"), verify=True)
+    assert m["method"] == "rded" and m["units"]["units"] == 4
+    assert sorted((e["class"], e["ipc"]) for e in m["images"]) == [(c, i) for c in range(10) for i in range(2)]
+    unit = json.loads(next((out / "units" / "synthesize").glob("*/manifest.json")).read_text())
+    assert unit["method"] == "rded" and len(unit["images"][0]["patches"]) == 4  # factor 2: 2 x 2 patches

@@ -213,17 +213,17 @@ def test_teacher_without_the_class_and_ranges_out_of_bounds_are_refused():
         rded_unit(BrightnessTeacher(), {4: random_images(10)}, [5], (0, 2), **kwargs())
 
 
-def test_settings_default_when_the_config_has_no_rded_section():
-    from engine.config import load_config
-    from engine.synth.rded_stage import RdedConfig, check_rded_config, rded_settings
+def test_rded_settings_are_a_typed_config_section():
+    from engine.config import RdedConfig, load_config
+    from engine.synth.rded_stage import check_rded_config
 
     cfg = load_config(None, ["data.image_size=28", "synth.ipc=10"])
-    assert rded_settings(cfg) == RdedConfig()  # factor 2, 5 candidates, 300 real images: the reference
-    assert rded_settings({"synth": {"rded": {"factor": 1}}}).factor == 1
-    with pytest.raises(ConfigError, match="synth.rded"):
-        rded_settings({"synth": {"rded": {"factr": 1}}})
+    assert cfg.synth.rded.factor == RdedConfig.factor == 2  # 5 candidates, 300 real images: the reference
+    with pytest.raises(ConfigError, match="synth.rded.factr"):
+        load_config(None, ["synth.rded.factr=1"])
     with pytest.raises(ConfigError, match="needs 160"):
-        check_rded_config(cfg, RdedConfig(num_real=100, factor=4))
+        check_rded_config(load_config(None, ["data.image_size=28", "synth.ipc=10", "synth.rded.num_real=100",
+                                             "synth.rded.factor=4"]))
 
 
 # --------------------------------------------------------------------------- the unit factory

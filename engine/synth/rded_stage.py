@@ -14,79 +14,22 @@ The unit's info (its manifest) records, per image, the key, box and score of eve
 of real keys per class, per-class statistics (teacher agreement of the stitched images, mean scores)
 and the seconds spent reading images and selecting.
 
-Settings live in `synth.rded` (RdedConfig below); until the engine's SynthConfig has that section,
-`rded_settings` reads it from a plain config dict when present and falls back to the defaults.
+Settings: `synth.rded` (engine.config.RdedConfig).
 """
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 
-# Light at import (no torch): engine.config can import RdedConfig from here.
 REAL_PURPOSE = "rded-real"
 
 
-@dataclass
-class RdedConfig:
-    """RDED (engine.synth.rded). Defaults: the reference's ImageNet-1K recipe (LINs-lab/RDED,
-    scripts/imagenet-1k_10ipc_resnet-18_to_resnet-18_cr5.sh; the CIFAR and Tiny-ImageNet scripts
-    use factor 1)."""
-    factor: int = 2  # factor x factor patches per image (--factor); 1: one whole crop per image
-    candidates_per_image: int = 5  # random crops scored per real image, the best one kept (--num-crop)
-    num_real: int = 300  # real images per class, a seeded choice (--mipc); >= ipc * factor^2
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # crop area range (RandomResizedCrop)
-    crop_ratio: list[float] = field(default_factory=lambda: [1.0, 1.0])  # crop aspect range (square, as the reference)
-    score_input: str = "pad"  # pad (zeros to image_size, the reference) | resize (patch upsampled)
-    score_batch_size: int = 256  # crops per teacher forward pass while scoring
-
-
-def _section(cfg, name: str):
-    if cfg is None:
-        return None
-    try:
-        return cfg[name] if name in cfg else None
-    except TypeError:
-        return getattr(cfg, name, None)
-
-
-def rded_settings(cfg) -> RdedConfig:
-    """`synth.rded` of an engine config (OmegaConf or a to_dict() dict) over RdedConfig's defaults,
-    type-checked; the defaults when the config has no such section."""
-    from omegaconf import OmegaConf
-
-    from ..config import from_dict
-
-    raw = _section(_section(cfg, "synth"), "rded")
-    if raw is None:
-        return RdedConfig()
-    if not isinstance(raw, dict):
-        raw = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else dataclasses.asdict(raw)
-    try:
-        typed = from_dict(raw, schema=RdedConfig)
-    except ConfigError as exc:
-        raise ConfigError(f"synth.rded: {exc}") from None
-    return RdedConfig(**OmegaConf.to_container(typed, resolve=True))
-
-
-def engine_config(config: dict):
-    """(typed engine config, RdedConfig) from a to_dict() config; a `synth.rded` section is taken out
-    first when the engine's SynthConfig does not know it yet."""
-    from ..config import SynthConfig, from_dict
-
-    rcfg = rded_settings(config)
-    if "rded" not in {f.name for f in dataclasses.fields(SynthConfig)} and "rded" in config.get("synth", {}):
-        config = {**config, "synth": {k: v for k, v in config["synth"].items() if k != "rded"}}
-    return from_dict(config), rcfg
-
-
-def check_rded_config(cfg, rcfg: RdedConfig | None = None) -> RdedConfig:
+def check_rded_config(cfg):
     """Fail with one line before any worker starts: the rded settings against data.image_size and synth.ipc."""
     from .rded import check_rded_args
 
-    rcfg = rcfg or rded_settings(cfg)
+    rcfg = cfg.synth.rded
     check_rded_args(rcfg.factor, int(cfg.data.image_size), rcfg.candidates_per_image, rcfg.crop_scale,
                     rcfg.crop_ratio, rcfg.score_input, num_real=rcfg.num_real, ipc=int(cfg.synth.ipc))
     if rcfg.score_batch_size < 1:
@@ -97,7 +40,7 @@ def check_rded_config(cfg, rcfg: RdedConfig | None = None) -> RdedConfig:
 def settings_for_hash(cfg) -> dict:
     """What decides rded's images (for run_synthesize's settings_hash): the unit split, IPC and synth.rded."""
     return {"synth": {"ipc": int(cfg.synth.ipc), "class_block": int(cfg.synth.class_block),
-                      "ipc_per_unit": int(cfg.synth.ipc_per_unit), "rded": dataclasses.asdict(rded_settings(cfg))},
+                      "ipc_per_unit": int(cfg.synth.ipc_per_unit), "rded": cfg.synth.rded},
             "seed": int(cfg.seed), "method": "rded"}
 
 
@@ -125,8 +68,10 @@ def rded_worker(config: dict, out: str, locs: dict):
     from ..teacher import load_teacher
     from .rded import rded_unit
 
-    cfg, rcfg = engine_config(config)
-    check_rded_config(cfg, rcfg)
+    from ..config import from_dict, to_dict
+
+    cfg = from_dict(config)
+    rcfg = check_rded_config(cfg)
     device = pick_device(cfg.device)
     classes = shard_info(locs["train"], cfg.data.train_split)["classes"]
     teacher, _ = load_teacher(out, len(classes), device)
@@ -155,7 +100,7 @@ def rded_worker(config: dict, out: str, locs: dict):
         images = [{"class": e["class"], "ipc": e["ipc"],
                    "patches": [{"key": pool[e["class"]][p["real"]], **{k: v for k, v in p.items() if k != "real"}}
                                for p in e["patches"]]} for e in res["provenance"]]
-        info = {"method": "rded", "seed": int(cfg.seed), "settings": dataclasses.asdict(rcfg),
+        info = {"method": "rded", "seed": int(cfg.seed), "settings": to_dict(rcfg),
                 "images": images, "real_keys": {str(c): pool[c] for c in unit.classes},
                 "classes": {str(c): s for c, s in res["stats"].items()},
                 "teacher_agreement": round(sum(s["teacher_agreement"] for s in res["stats"].values())
