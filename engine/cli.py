@@ -179,7 +179,8 @@ def stage_relabel(cfg, out: str, quiet: bool) -> dict:
 
 
 def stage_evaluate(cfg, out: str, quiet: bool) -> dict:
-    from .pipeline import results_table, run_evaluate
+    from .pipeline import run_evaluate
+    from .report import results_table
 
     locs, device = _env(cfg, out)
     res = run_evaluate(cfg, out, locs, device, show_progress=not quiet)

@@ -184,6 +184,7 @@ class EvalConfig:
     temperature: float = 4.0
     seeds: list[int] = field(default_factory=lambda: [0])
     random_real: bool = True  # train the random-real control too
+    hard_control: bool = False  # also train every set with hard labels (is a gain a data or a label effect?)
     full_data_epochs: int = 0  # >0: also train the student on the full data (reference)
     val_limit: int = 0  # validate on the first N samples only (0: all)
     protocol: str = "kd"  # kd (the relabel.mode labels, eval.* optimiser) | tesla (method tesla: eval.tesla)

@@ -91,6 +91,7 @@ from .labels import OnlineLabeler, StoredLabeler, augment_batch, epoch_batches, 
 from .labels.crops import check_relabel_config
 from .labels.relabel import merge_labels
 from .metrics import accuracy, all_reduce_sum
+from .report import compare
 from .progress import progress as progress_bar
 from .seeding import derive_seed, torch_gen
 
@@ -445,10 +446,6 @@ def _summary(runs: list[dict]) -> dict[str, Any]:
     return out
 
 
-def _mean_top1(summary: dict) -> float:
-    return summary.get("top1_mean", summary["top1"])
-
-
 def _relabel(teacher: torch.nn.Module, images: torch.Tensor, cfg, device, rank: int, world: int,
              progress: bool) -> dict:
     """Stored labels for `images` (stream seed cfg.seed). Data parallel: rank r records
@@ -471,7 +468,7 @@ def _relabel(teacher: torch.nn.Module, images: torch.Tensor, cfg, device, rank: 
 def evaluate_sets(distilled_images: torch.Tensor, distilled_labels, teacher: torch.nn.Module | None, cfg, device,
                   val_loader_fn: Callable[[], Any], random_real: tuple[torch.Tensor, Any] | None = None,
                   num_classes: int | None = None, label_mode: str | None = None,
-                  stored: dict[str, dict] | None = None, hard_control: bool = False, method: str | None = None,
+                  stored: dict[str, dict] | None = None, hard_control: bool | None = None, method: str | None = None,
                   ipc: int | None = None, rank: int | None = None, world_size: int | None = None,
                   progress: bool = True, soft: dict[str, torch.Tensor] | None = None,
                   soft_lr: float | None = None) -> dict[str, Any]:
@@ -486,10 +483,11 @@ def evaluate_sets(distilled_images: torch.Tensor, distilled_labels, teacher: tor
     cfg.relabel.mode). `stored`: {"distilled": labels, "random_real": labels} in
     stored mode; a missing entry is computed in memory with relabel_stored
     (stream seed cfg.seed, shared by every eval seed; in online and hard mode each
-    eval seed draws its own stream). `hard_control`: also train with hard labels
-    and report it under "hard". Per set, top1/top5 are the first seed's run;
+    eval seed draws its own stream). `hard_control` (default cfg.eval.hard_control):
+    also train with hard labels and report it under "hard" (with the per-seed "top1s"). Per set, top1/top5 are the first seed's run;
     top1_mean / top1_std (sample standard deviation) appear with several seeds;
-    gain_over_random = distilled mean top-1 - random-real mean top-1.
+    gain_over_random = distilled mean top-1 - random-real mean top-1 (engine.report.compare
+    adds the hard-label gain and Welch t-tests).
 
     `rank` / `world_size`: data parallel (module docstring); every rank calls this
     with the same arguments except `val_loader_fn`, which gives the rank's val
@@ -510,6 +508,8 @@ def evaluate_sets(distilled_images: torch.Tensor, distilled_labels, teacher: tor
     if mode not in ("hard", SOFT_MODE) and teacher is None and not (mode == "stored" and stored):
         raise EngineError(f"evaluate: label mode '{mode}' needs a teacher")
     seeds = [int(s) for s in cfg.eval.seeds]
+    if hard_control is None:
+        hard_control = bool(cfg.eval.hard_control)
     if not seeds:
         raise ConfigError("eval.seeds: expected at least one seed")
     distilled_labels = torch.as_tensor(distilled_labels).long()
@@ -555,9 +555,9 @@ def evaluate_sets(distilled_images: torch.Tensor, distilled_labels, teacher: tor
                          for s in seeds]
             h = _summary(hard_runs)
             summary["hard"] = {k: h[k] for k in ("top1", "top1_mean", "top1_std") if k in h}
+            summary["hard"]["top1s"] = [r["top1"] for r in hard_runs]
         results[name] = summary
-    if "random_real" in results:
-        results["gain_over_random"] = _mean_top1(results["distilled"]) - _mean_top1(results["random_real"])
+    compare(results)  # gains (soft and hard labels) and Welch t-tests over the seeds
     ev, rl = cfg.eval, cfg.relabel
     if mode == "stored":  # the replayed crops are the stored ones
         rl = SimpleNamespace(**stored["distilled"]["relabel"])

@@ -273,29 +273,3 @@ def _mean_unit(out: str, key: str):
         if m.get(key) is not None:
             vals.append(m[key])
     return round(sum(vals) / len(vals), 4) if vals else None
-
-
-def results_table(results: dict) -> str:
-    """A short markdown table of results.json."""
-    def row(name, d):
-        if not d:
-            return None
-        mean = d.get("top1_mean", d.get("top1"))
-        std = d.get("top1_std")
-        return f"| {name} | {mean:.2f}" + (f" +- {std:.2f}" if std is not None else "") + \
-            f" | {d.get('top5', float('nan')):.2f} |"
-
-    lines = [f"{results.get('method')} IPC {results.get('ipc')}, {results.get('num_classes')} classes, "
-             f"labels {results['protocol']['label_mode']}", "| set | top-1 % | top-5 % |", "|---|---:|---:|"]
-    for name, key in (("teacher", "teacher"), ("full data", "full_data"), ("distilled", "distilled"),
-                      ("random real", "random_real")):
-        r = row(name, results.get(key))
-        if r:
-            lines.append(r)
-    if results.get("gain_over_random") is not None:
-        lines.append(f"gain over random real: {results['gain_over_random']:+.2f} points")
-    return "\n".join(lines)
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2)

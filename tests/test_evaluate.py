@@ -149,8 +149,12 @@ def test_evaluate_sets_results_dict(digits, mode):
         assert s["top1"] == top1[0] and s["top1_mean"] == pytest.approx(sum(top1) / 2)
         assert s["top1_std"] == pytest.approx(abs(top1[0] - top1[1]) / 2 ** 0.5)
         if mode == "online":
-            assert {"top1", "top1_mean", "top1_std"} <= set(s["hard"])
+            assert {"top1", "top1_mean", "top1_std"} <= set(s["hard"]) and len(s["hard"]["top1s"]) == 2
     assert res["gain_over_random"] == pytest.approx(res["distilled"]["top1_mean"] - res["random_real"]["top1_mean"])
+    assert res["welch"]["soft"]["n"] == [2, 2]  # the t-test runs on the 2 + 2 student runs
+    if mode == "online":
+        hard = [sum(res[k]["hard"]["top1s"]) / 2 for k in ("distilled", "random_real")]
+        assert res["gain_over_random_hard"] == pytest.approx(hard[0] - hard[1]) and "hard" in res["welch"]
     import json
     json.dumps(res)  # JSON-serialisable as written to results.json
 
