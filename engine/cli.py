@@ -95,9 +95,12 @@ def _dispatch(args) -> None:
     if issue is not None:
         raise EngineError(f"stage '{args.stage}' is not built yet (issue {issue}: {what})")
     cfg = load_config(args.config, args.overrides)
-    store.check_writable(args.out)
-    save_resolved_config(cfg, args.out)
-    quiet, out = args.quiet, args.out
+    # workers (Ray actors, Ray Train) run in other directories: every local location becomes absolute
+    out = store.absolute(args.out)
+    _absolute_locations(cfg)
+    store.check_writable(out)
+    save_resolved_config(cfg, out)
+    quiet = args.quiet
     if args.stage == "prepare":
         stage_prepare(cfg, out, quiet)
     elif args.stage == "squeeze":
@@ -117,6 +120,16 @@ def _dispatch(args) -> None:
             STAGE_FUNCS[name](cfg, out, quiet)
         print(f"run: done in {time.time() - t0:.0f} s; results in {store.join(out, 'results.json')}, "
               f"preview in {store.join(out, 'preview.png')}")
+
+
+def _absolute_locations(cfg) -> None:
+    from .data import FORMATS
+
+    for section, key in (("data", "train"), ("data", "val"), ("teacher", "checkpoint")):
+        value = getattr(getattr(cfg, section), key)
+        prefix = next((f + ":" for f in FORMATS if value.startswith(f + ":") and not value.startswith(f + "://")), "")
+        if value:
+            setattr(getattr(cfg, section), key, prefix + store.absolute(value[len(prefix):]))
 
 
 def _env(cfg, out):

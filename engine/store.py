@@ -43,6 +43,14 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
+def absolute(url: str) -> str:
+    """A local relative path made absolute (worker processes, e.g. Ray Train's, run in other
+    directories); URLs and absolute paths are returned unchanged."""
+    if not url or "://" in url or os.path.isabs(url):
+        return url
+    return os.path.abspath(url)
+
+
 def is_local(url: str) -> bool:
     fs, _ = _fs(url)
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))

@@ -143,3 +143,14 @@ def test_driver_killed_mid_run_resumes_to_identical_bytes(tmp_path):
     assert p.returncode == 0, stderr[-2000:]
     assert f"({8 - done} run, {done} already done)" in stdout
     assert (run / "distilled" / "train-000000.tar").read_bytes() == (ref / "distilled" / "train-000000.tar").read_bytes()
+
+
+@pytest.mark.slow
+def test_relative_out_works_with_ray_workers_in_other_directories(tmp_path):
+    """`make demo` passes a relative --out; Ray Train workers run elsewhere, so the CLI makes it absolute."""
+    r = subprocess.run([sys.executable, "-m", "engine", "run", "--config", str(ROOT / "configs/demo/fashion_scdd.yaml"),
+                        "--out", "rel/run", "--quiet", *DIGITS, "cluster.backend=ray", "cluster.eval_workers=2"],
+                       cwd=tmp_path, env=_ray_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "rel" / "run" / "results.json").read_text())
+    assert res["protocol"]["data_parallel"]["world_size"] == 2
