@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 OUT ?= runs/demo
 
-.PHONY: setup demo test test-slow bench-loader
+.PHONY: setup demo test test-slow bench-loader bench-cluster
 setup:
 	@bash tools/setup_env.sh
 
@@ -17,3 +17,6 @@ test-slow: setup
 
 bench-loader: setup
 	$(PY) tools/bench/loader.py
+
+bench-cluster: setup
+	$(PY) tools/bench/cluster.py
