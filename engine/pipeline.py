@@ -215,7 +215,8 @@ def run_evaluate(cfg, out: str, locs: dict, device, show_progress: bool = True) 
 
         resources = connect(cfg.cluster)
         results = evaluate_on_ray(inputs_fn, args, cfg, int(cfg.cluster.eval_workers),
-                                  wants_gpu(str(cfg.device), resources), float(cfg.cluster.cpus_per_worker))
+                                  wants_gpu(str(cfg.device), resources), float(cfg.cluster.cpus_per_worker),
+                                  progress=show_progress)
     else:
         from .evaluate import evaluate_sets
 

@@ -54,7 +54,8 @@ def _evaluate_worker(config: dict) -> dict | None:
         torch.cuda.set_device(device)
     cfg = from_dict(config["cfg"])
     kwargs = config["inputs_fn"](rank=rank, world_size=world, device=device, **config["inputs_args"])
-    results = evaluate_sets(cfg=cfg, device=device, rank=rank, world_size=world, progress=(rank == 0), **kwargs)
+    results = evaluate_sets(cfg=cfg, device=device, rank=rank, world_size=world,
+                            progress=(config["progress"] and rank == 0), **kwargs)
     return results if rank == 0 else None
 
 
@@ -68,7 +69,7 @@ def _raise_worker_failure(exc: Exception) -> None:
 
 
 def evaluate_on_ray(inputs_fn: Callable[..., dict], inputs_args: dict, cfg, num_workers: int, use_gpu: bool,
-                    cpus_per_worker: float, storage_path: str | None = None) -> dict[str, Any]:
+                    cpus_per_worker: float, storage_path: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run evaluate_sets data parallel on `num_workers` Ray Train workers and return
     rank 0's results dict (every rank computes the same one).
 
@@ -103,7 +104,7 @@ def evaluate_on_ray(inputs_fn: Callable[..., dict], inputs_args: dict, cfg, num_
     if use_gpu:
         resources["GPU"] = 1.0
     loop_config = {"inputs_fn": inputs_fn, "inputs_args": dict(inputs_args), "cfg": to_dict(cfg),
-                   "cpus_per_worker": float(cpus_per_worker)}
+                   "cpus_per_worker": float(cpus_per_worker), "progress": bool(progress)}
     with tempfile.TemporaryDirectory(prefix="engine-ray-eval-") as tmp:
         trainer = TorchTrainer(
             _evaluate_worker,
