@@ -198,6 +198,58 @@ def test_soft_student_checks_its_inputs():
         evaluate_sets(x, torch.arange(4), None, cfg, "cpu", lambda: [], label_mode="soft", progress=False)
 
 
+def soft_problem():
+    from engine.config import load_config
+
+    cfg = load_config(RECIPE, ["data.image_size=8", "eval.tesla.epochs=3", "eval.tesla.batch_size=10",
+                               "eval.student.width=8"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (20, 1, 8, 8), generator=g, dtype=torch.uint8)
+    return cfg, x, torch.randn(20, 10, generator=g).softmax(1)
+
+
+def _soft_rank(rank, world, port, queue):
+    import torch.distributed as dist
+
+    from engine.evaluate import train_student_soft
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        cfg, x, p = soft_problem()
+        r = train_student_soft(x, p, cfg, 0, "cpu", 0.01, rank=rank, world_size=world, progress=False)
+        queue.put((rank, [h["loss"] for h in r["history"]], r["steps"], r["dropped_per_epoch"]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_soft_student_data_parallel_follows_one_process():
+    """2 gloo ranks, batches of 10 (nothing dropped): a ConvNet (instance norm) student under DDP takes
+    the single-process steps, so the per-epoch losses agree to float tolerance."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from engine.evaluate import train_student_soft
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_soft_rank, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r, rest) for r, *rest in (queue.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    cfg, x, p = soft_problem()
+    one = train_student_soft(x, p, cfg, 0, "cpu", 0.01, progress=False)
+    for losses, steps, dropped in got.values():
+        assert steps == one["steps"] == 6 and dropped == 0
+        assert losses == pytest.approx([h["loss"] for h in one["history"]], rel=1e-5)
+
+
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("overrides,needle", [
     (["synth.tesla.syn_steps=0"], "'synth.tesla.syn_steps': expected at least 1, got 0"),
@@ -238,6 +290,8 @@ def test_experts_bad_settings_fail_before_training(tmp_path, capsys):
                    "'experts.save_epochs': epoch 9 outside 0..3")
     one_line_error(capsys, engine_main("experts", tmp_path / "o", "experts.lr=nan"),
                    "'experts.lr': expected a positive number")
+    one_line_error(capsys, engine_main("run", tmp_path / "o", "experts.train_limit=5000"),
+                   "'experts.train_limit' (5000): class 0 has 136 training images, 500 per class requested")
 
 
 # --------------------------------------------------------------------------- models
