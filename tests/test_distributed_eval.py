@@ -51,8 +51,8 @@ def make_cfg(*overrides):
     *_, mean, std = digits_arrays()
     return load_config(overrides=[
         "data.channels=1", "data.image_size=8", f"data.mean=[{mean}]", f"data.std=[{std}]", "data.batch_size=64",
-        "data.crop_pct=1.0", "eval.student.name=convnetd3", "eval.batch_size=50", "eval.epochs=2",
-        "eval.lr=0.003", "relabel.flip=false", "relabel.top_k=10", "eval.random_real=false", *overrides])
+        "data.crop_pct=1.0", "eval.student.name=convnetd3", "eval.student.width=128", "eval.batch_size=50",
+        "eval.epochs=2", "eval.lr=0.003", "relabel.flip=false", "relabel.top_k=10", "eval.random_real=false", *overrides])
 
 
 def load_teacher(path):
