@@ -91,7 +91,7 @@ def test_ray_job_submit_runs_the_demo_recipe(ray_head, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["num_classes"] == 10 and res["ipc"] == 10 and res["protocol"]["label_mode"] == "stored"
     man = json.loads((out / "distilled" / "manifest.json").read_text())
-    assert man["units"]["backend"] == "ray" and man["units"]["ran"] == man["units"]["units"] == 1
+    assert man["units"]["backend"] == "ray" and man["units"]["ran"] == man["units"]["units"] == 2  # 2 IPC slices
     assert res["protocol"]["data_parallel"]["world_size"] == 2  # Ray Train, 2 workers
     assert res["protocol"]["val_count"] == 1000  # val_limit: each validation sample counted once
     assert (out / "labels" / "distilled.pt").exists() and (out / "preview.png").exists()
