@@ -52,7 +52,11 @@ def ray_head():
     port, dash = _free_port(), _free_port()
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--port={port}",
-                             f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats"],
+                             f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats",
+                             # free ports for the head's agents too: another Ray on the machine holds the defaults
+                             *(f"--{name}={_free_port()}" for name in (
+                                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                                 "runtime-env-agent-port", "ray-client-server-port"))],
                             env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dash}"
@@ -86,7 +90,11 @@ def test_ray_job_submit_runs_the_demo_recipe(ray_head, tmp_path):
            "data.ffcv=false", "teacher.ssl_epochs=1", "teacher.ssl_train_limit=2000", "teacher.probe_epochs=1",
            "teacher.finetune_epochs=0", "synth.scdd.iterations=20", "eval.epochs=3", "eval.val_limit=1000",
            "eval.full_data_epochs=0", "relabel.mode=stored", "cluster.eval_workers=2"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    for _ in range(12):  # the head's job agent can come up after its dashboard answers: Ray says "try again"
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+        if "No available agent to submit job" not in r.stderr:
+            break
+        time.sleep(5)
     assert r.returncode == 0 and "succeeded" in r.stdout, (r.stdout + r.stderr)[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["num_classes"] == 10 and res["ipc"] == 10 and res["protocol"]["label_mode"] == "stored"
