@@ -14,7 +14,7 @@ from .cluster.merge import DISTILLED, merge_distilled, read_distilled
 from .cluster.plan import plan_units
 from .config import config_hash, to_dict
 from .data import loader_from_config, shard_info
-from .data.realsets import load_images, pick_per_class, scan_labels
+from .data.realsets import cached_labels, load_images, pick_per_class, scan_labels
 from .errors import EngineError
 from .preview import preview_grid
 from .teacher import load_teacher
@@ -45,12 +45,7 @@ def scdd_worker(config: dict, out: str, locs: dict):
     device = pick_device(cfg.device)
     classes = _classes(cfg, locs)
     teacher, _ = load_teacher(out, len(classes), device)
-    cache: dict = {}
-
-    def labels_cache():
-        if "labels" not in cache:
-            cache["labels"] = scan_labels(locs["train"], cfg.data.train_split)
-        return cache["labels"]
+    labels_cache = cached_labels(locs["train"], cfg.data.train_split)
 
     def work(unit):
         init, init_keys = (None, None)

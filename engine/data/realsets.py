@@ -66,3 +66,15 @@ def load_images(uri: str, split: str, keys: list[str], channels: int) -> dict[st
     if missing:
         raise DataError(f"{uri}: {len(missing)} requested images not found (e.g. key {sorted(missing)[0]})")
     return found
+
+
+def cached_labels(url: str, split: str):
+    """A callable returning `scan_labels(url, split)`, scanned on first use only (a worker's units share it)."""
+    cache: dict = {}
+
+    def get():
+        if "labels" not in cache:
+            cache["labels"] = scan_labels(url, split)
+        return cache["labels"]
+
+    return get

@@ -63,7 +63,7 @@ def rded_worker(config: dict, out: str, locs: dict):
     import torch
 
     from ..data import shard_info
-    from ..data.realsets import load_images, scan_labels
+    from ..data.realsets import cached_labels, load_images
     from ..runtime import pick_device
     from ..teacher import load_teacher
     from .rded import rded_unit
@@ -75,12 +75,7 @@ def rded_worker(config: dict, out: str, locs: dict):
     device = pick_device(cfg.device)
     classes = shard_info(locs["train"], cfg.data.train_split)["classes"]
     teacher, _ = load_teacher(out, len(classes), device)
-    cache: dict = {}
-
-    def labels_cache():
-        if "labels" not in cache:
-            cache["labels"] = scan_labels(locs["train"], cfg.data.train_split)
-        return cache["labels"]
+    labels_cache = cached_labels(locs["train"], cfg.data.train_split)
 
     def work(unit):
         t0 = time.perf_counter()
