@@ -172,6 +172,12 @@ def test_rerun_skips_and_one_lost_slice_comes_back_identical(tesla_run, tmp_path
     assert "experts: skipped" in text and "synthesize: skipped" in text and "squeeze" not in text
 
 
+def test_distilled_without_its_soft_labels_is_refused(tesla_run, tmp_path, capsys):
+    out = copy_run(tesla_run, tmp_path / "copy", drop=("labels",))
+    capsys.readouterr()
+    one_line_error(capsys, engine_main("synthesize", out), "tesla_soft.pt: missing beside")
+
+
 # --------------------------------------------------------------------------- evaluation
 def test_kd_protocol_uses_the_labelling_expert_online(tesla_run, tmp_path):
     out = copy_run(tesla_run, tmp_path / "copy")

@@ -543,9 +543,11 @@ def run_synthesize_tesla(cfg, out: str, locs: dict, device=None, show_progress: 
     settings_hash = config_hash(settings)
     if store.exists(store.join(dest, store.MANIFEST)):
         m = store.read_json(store.join(dest, store.MANIFEST))
-        if m.get("settings_hash") == settings_hash and store.exists(store.join(out, SOFT_LABELS)):
-            return {"skipped": True, "manifest": m}
-        raise EngineError(f"{dest}: made with other synthesis settings; use another --out or delete it")
+        if m.get("settings_hash") != settings_hash:
+            raise EngineError(f"{dest}: made with other synthesis settings; use another --out or delete it")
+        if not store.exists(store.join(out, SOFT_LABELS)):
+            raise EngineError(f"{store.join(out, SOFT_LABELS)}: missing beside {dest}; delete {dest} to merge again")
+        return {"skipped": True, "manifest": m}
     _, eman = read_experts_manifest(cfg, out, len(classes))  # fails here, before any worker starts
     units = plan_units("synthesize", len(classes), int(cfg.synth.ipc), len(classes), int(cfg.synth.ipc_per_unit))
     t = cfg.synth.tesla
