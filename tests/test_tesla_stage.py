@@ -337,6 +337,7 @@ def test_fashion_tesla_recipe_end_to_end_small(tmp_path):
     validation on 2,000 test images, local backend."""
     out = tmp_path / "demo"
     r = run_tool("-m", "engine", "run", "--config", RECIPE, "--out", out, "--quiet", "cluster.backend=local",
+                 "threads=1",  # robust when other processes share the cores (METHODS section 6)
                  "experts.num_experts=2", "experts.epochs=3", "experts.train_limit=2000", "experts.val_limit=2000",
                  "synth.tesla.max_start_epoch=2", "synth.tesla.expert_epochs=1", "synth.tesla.iterations=20",
                  "eval.tesla.epochs=30", "eval.val_limit=2000", timeout=1800)
