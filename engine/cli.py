@@ -125,7 +125,7 @@ def _dispatch(args) -> None:
 def _absolute_locations(cfg) -> None:
     from .data import FORMATS
 
-    for section, key in (("data", "train"), ("data", "val"), ("teacher", "checkpoint")):
+    for section, key in (("data", "train"), ("data", "val"), ("teacher", "checkpoint"), ("experts", "location")):
         value = getattr(getattr(cfg, section), key)
         prefix = next((f + ":" for f in FORMATS if value.startswith(f + ":") and not value.startswith(f + "://")), "")
         if value:

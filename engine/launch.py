@@ -17,7 +17,7 @@ from .errors import ConfigError, run_guarded
 
 # config keys holding locations, and whether their value carries a `scheme:` prefix before the path
 LOCATION_KEYS = (("data.train", "wds/ffcv"), ("data.val", "wds/ffcv"), ("data.source", "source"),
-                 ("teacher.checkpoint", None))
+                 ("teacher.checkpoint", None), ("experts.location", None))
 
 
 def is_absolute_location(value: str) -> bool:
