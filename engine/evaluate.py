@@ -191,6 +191,33 @@ def _wrap_data_parallel(student: torch.nn.Module, device: torch.device) -> torch
     return DistributedDataParallel(student)
 
 
+def _batch_plan(n_img: int, batch_size: int, world: int, key: str) -> tuple[int, int]:
+    """(steps per epoch, images dropped per epoch) for the batches of epoch_batches: sizes
+    n_img // steps or one more, the same every epoch; each trimmed to a multiple of `world`."""
+    steps_per_epoch = math.ceil(n_img / batch_size)
+    sizes = [len(b) for b in torch.tensor_split(torch.arange(n_img), steps_per_epoch)]
+    if world > 1 and min(sizes) < world:
+        raise ConfigError(f"{key} {batch_size}: with {n_img} images the smallest batch holds "
+                          f"{min(sizes)} images, fewer than the {world} data-parallel workers")
+    return steps_per_epoch, sum(n % world for n in sizes)
+
+
+def _epoch_record(epoch: int, total: float, seen: int, optimizer, world: int, device) -> dict:
+    """One history entry; the loss is all-reduced so every rank logs the same value."""
+    if world > 1:
+        total, seen = all_reduce_sum([total, seen], torch.float64, device)
+    return {"epoch": epoch, "loss": total / seen, "lr": optimizer.param_groups[0]["lr"]}
+
+
+def _validated(student, val_loader_fn, device, val_limit: int, world: int) -> dict[str, Any]:
+    """Top-1/top-5 and the global val count of the unwrapped student (no DDP collectives)."""
+    if val_loader_fn is None:
+        return {"top1": None, "top5": None, "val_count": 0}
+    result = validate(student, val_loader_fn(), device, val_limit, distributed=world > 1)
+    result["val_count"] = result.pop("count")
+    return result
+
+
 def train_student(images_uint8: torch.Tensor, labels_int: torch.Tensor, teacher: torch.nn.Module | None, cfg,
                   seed: int, device, labeler: str = "online", stored: dict | None = None,
                   val_loader_fn: Callable[[], Any] | None = None, num_classes: int | None = None,
@@ -260,13 +287,7 @@ def train_student(images_uint8: torch.Tensor, labels_int: torch.Tensor, teacher:
     # Whole-batch augmentation is needed only when images are mixed with partners.
     mixing = (replay.stored["mix"] is not None) if replay is not None else rl.mix != "none"
 
-    steps_per_epoch = math.ceil(n_img / batch_size)
-    # epoch_batches sizes: n_img // steps_per_epoch or one more, the same every epoch.
-    sizes = [len(b) for b in torch.tensor_split(torch.arange(n_img), steps_per_epoch)]
-    if world > 1 and min(sizes) < world:
-        raise ConfigError(f"eval.batch_size {batch_size}: with {n_img} images the smallest batch holds "
-                          f"{min(sizes)} images, fewer than the {world} data-parallel workers")
-    dropped = sum(n % world for n in sizes)
+    steps_per_epoch, dropped = _batch_plan(n_img, batch_size, world, "eval.batch_size")
     student = create_student(cfg, num_classes, seed, int(images_uint8.shape[-1])).to(device)
     model = _wrap_data_parallel(student, device) if world > 1 else student
     optimizer = make_optimizer(student, ev)
@@ -308,15 +329,10 @@ def train_student(images_uint8: torch.Tensor, labels_int: torch.Tensor, teacher:
             n_rows = rows.stop - rows.start
             total += float(loss.detach()) * n_rows
             seen += n_rows
-        if world > 1:
-            total, seen = all_reduce_sum([total, seen], torch.float64, device)
-        history.append({"epoch": epoch, "loss": total / seen, "lr": optimizer.param_groups[0]["lr"]})
-        bar.set_postfix(loss=f"{total / seen:.4f}")
+        history.append(_epoch_record(epoch, total, seen, optimizer, world, device))
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
     bar.close()
-    result: dict[str, Any] = {"top1": None, "top5": None, "val_count": 0}
-    if val_loader_fn is not None:  # the unwrapped student: validation runs no DDP collectives
-        result = validate(student, val_loader_fn(), device, int(ev.val_limit), distributed=world > 1)
-        result["val_count"] = result.pop("count")
+    result = _validated(student, val_loader_fn, device, int(ev.val_limit), world)
     result.update(epochs=epochs, seconds=time.perf_counter() - start, history=history, seed=seed,
                   label_mode=labeler, steps=steps, world_size=world, dropped_per_epoch=dropped)
     if return_model:
@@ -362,12 +378,7 @@ def train_student_soft(images_uint8: torch.Tensor, soft_labels: torch.Tensor, cf
                           f"positive number, got {lr}")
     strategy = et.dsa_strategy or None
     parse_strategy(strategy)
-    steps_per_epoch = math.ceil(n_img / batch_size)
-    sizes = [len(b) for b in torch.tensor_split(torch.arange(n_img), steps_per_epoch)]
-    if world > 1 and min(sizes) < world:
-        raise ConfigError(f"eval.tesla.batch_size {batch_size}: with {n_img} images the smallest batch holds "
-                          f"{min(sizes)} images, fewer than the {world} data-parallel workers")
-    dropped = sum(n % world for n in sizes)
+    _, dropped = _batch_plan(n_img, batch_size, world, "eval.tesla.batch_size")
     student = create_student(cfg, num_classes, seed, int(images_uint8.shape[-1])).to(device)
     model = _wrap_data_parallel(student, device) if world > 1 else student
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=float(et.momentum),
@@ -399,15 +410,10 @@ def train_student_soft(images_uint8: torch.Tensor, soft_labels: torch.Tensor, cf
             n_rows = rows.stop - rows.start
             total += float(loss.detach()) * n_rows
             seen += n_rows
-        if world > 1:
-            total, seen = all_reduce_sum([total, seen], torch.float64, device)
-        history.append({"epoch": epoch, "loss": total / seen, "lr": optimizer.param_groups[0]["lr"]})
-        bar.set_postfix(loss=f"{total / seen:.4f}")
+        history.append(_epoch_record(epoch, total, seen, optimizer, world, device))
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
     bar.close()
-    result: dict[str, Any] = {"top1": None, "top5": None, "val_count": 0}
-    if val_loader_fn is not None:
-        result = validate(student, val_loader_fn(), device, int(cfg.eval.val_limit), distributed=world > 1)
-        result["val_count"] = result.pop("count")
+    result = _validated(student, val_loader_fn, device, int(cfg.eval.val_limit), world)
     result.update(epochs=epochs, seconds=time.perf_counter() - start, history=history, seed=seed,
                   label_mode=SOFT_MODE, steps=steps, world_size=world, dropped_per_epoch=dropped, lr=lr)
     return result

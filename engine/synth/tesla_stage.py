@@ -435,7 +435,7 @@ def initial_images(cfg, locs, unit, labels_cache) -> tuple[torch.Tensor, list[st
 def tesla_worker(config: dict, out: str, locs: dict):
     """Unit factory: load the experts once, return `work(unit)` that distils one IPC slice."""
     from ..config import from_dict
-    from ..data.realsets import scan_labels
+    from ..data.realsets import cached_labels
     from ..runtime import pick_device
     from .tesla import class_agreement, distill, expert_soft_labels
 
@@ -449,12 +449,7 @@ def tesla_worker(config: dict, out: str, locs: dict):
     t = cfg.synth.tesla
     label_expert = (int(t.label_expert), last)
     settings = synth_settings(cfg)
-    cache: dict = {}
-
-    def labels_cache():
-        if "labels" not in cache:
-            cache["labels"] = scan_labels(locs["train"], cfg.data.train_split)
-        return cache["labels"]
+    labels_cache = cached_labels(locs["train"], cfg.data.train_split)
 
     def work(unit):
         init, init_keys = initial_images(cfg, locs, unit, labels_cache)
