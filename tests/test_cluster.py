@@ -175,3 +175,29 @@ def test_read_distilled_reads_every_image_inside_a_data_parallel_rank(ray_cluste
     monkeypatch.setenv("WORLD_SIZE", "2")
     images, labels, names = read_distilled(str(tmp_path))
     assert len(images) == 12 and labels.tolist() == [c for c in range(4) for _ in range(3)]
+
+
+def test_local_dashboard_port_avoids_rays_default_ports(monkeypatch):
+    """The free port picked for a local cluster's dashboard must not be one Ray's agents take by default
+    (a clean-clone CI run once drew 52365, the dashboard agent's, and ray.init refused it)."""
+    import socket
+
+    from engine.cluster import session
+
+    draws = iter([52365, 8265, 6379, 40001])
+
+    class FakeSocket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, addr):
+            self.port = next(draws)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(socket, "socket", FakeSocket)
+    assert session._free_port() == 40001

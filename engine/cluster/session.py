@@ -70,11 +70,19 @@ def disconnect() -> None:
 
 
 def _free_port() -> int:
+    """A free 127.0.0.1 port that is none of Ray's default ports: the node's other components
+    (e.g. the dashboard agent on 52365) still take those, and ray.init refuses a clash."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from ray._private import ray_constants as rc
+
+    taken = {rc.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT, rc.DEFAULT_DASHBOARD_PORT, rc.DEFAULT_PORT}
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            return port
 
 
 def wants_gpu(device: str, resources: dict) -> bool:
