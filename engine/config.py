@@ -25,6 +25,9 @@ class DataConfig:
     source: str = f"fashion-mnist:{FASHION_MNIST_DIR}"
     source_train_split: str = "train"
     source_val_split: str = "test"
+    # Images per class carved (seeded) out of the training source into a `holdout` split before
+    # anything trains on it: choose settings with data.val_split=holdout, then read the test split once.
+    holdout_per_class: int = 0
     # Shard locations (a WebDataset shard directory or an FFCV .beton, any
     # fsspec URL). Empty: use the shards `prepare` wrote under OUT/data.
     train: str = ""

@@ -1,7 +1,9 @@
 """The `prepare` stage: turn the configured raw source into shards under OUT/data.
 
-Writes OUT/data/wds/ (splits train and val) and, on local outputs, the FFCV
-files OUT/data/ffcv/{train,val}.beton, then a manifest. A finished prepare
+Writes OUT/data/wds/ (splits train and val, plus holdout when
+data.holdout_per_class > 0: images carved out of the training source before
+any stage trains on it) and, on local outputs, the FFCV files
+OUT/data/ffcv/{train,val,holdout}.beton, then a manifest. A finished prepare
 whose manifest matches the data settings is skipped on re-run.
 """
 from __future__ import annotations
@@ -11,10 +13,10 @@ import time
 from . import store
 from .config import config_hash
 from .data.inspect import inspect_shards
-from .data.sources import create_source
+from .data.sources import carve_holdout, create_source
 from .errors import DataError
 
-DATA_KEYS = ("source", "source_train_split", "source_val_split", "shard_size", "ffcv")
+DATA_KEYS = ("source", "source_train_split", "source_val_split", "shard_size", "ffcv", "holdout_per_class")
 
 
 def data_dir(out: str) -> str:
@@ -28,7 +30,9 @@ def prepared_locations(cfg, out: str) -> dict[str, str]:
     if fmt not in ("wds", "ffcv"):
         raise DataError(f"config key 'data.format': expected wds or ffcv, got '{fmt}'")
     train = cfg.data.train or (store.join(d, "ffcv", "train.beton") if fmt == "ffcv" else store.join(d, "wds"))
-    val = cfg.data.val or (store.join(d, "ffcv", "val.beton") if fmt == "ffcv" else store.join(d, "wds"))
+    # an FFCV file per split (val.beton, holdout.beton); the shard directory holds every split
+    val = cfg.data.val or (store.join(d, "ffcv", f"{cfg.data.val_split}.beton") if fmt == "ffcv"
+                           else store.join(d, "wds"))
     return {"train": train, "val": val}
 
 
@@ -43,7 +47,7 @@ def run_prepare(cfg, out: str, show_progress: bool = True) -> dict:
     mpath = store.join(d, store.MANIFEST)
     if store.exists(mpath):
         m = store.read_json(mpath)
-        if m.get("settings") == _settings(cfg):
+        if {"holdout_per_class": 0, **m.get("settings", {})} == _settings(cfg):  # older manifests lack the key
             return {"skipped": True, "reason": "already prepared", "manifest": m}
         raise DataError(f"{mpath}: prepared with other data settings ({m.get('settings')}); "
                         f"use another --out or delete {d}")
@@ -51,10 +55,14 @@ def run_prepare(cfg, out: str, show_progress: bool = True) -> dict:
     from .data.wds_writer import write_wds
 
     wds_dir = store.join(d, "wds")
-    splits = {"train": cfg.data.source_train_split, "val": cfg.data.source_val_split}
+    sources = {"train": create_source(cfg.data.source, cfg.data.source_train_split),
+               "val": create_source(cfg.data.source, cfg.data.source_val_split)}
+    if cfg.data.holdout_per_class:
+        sources["train"], sources["holdout"] = carve_holdout(sources["train"], int(cfg.data.holdout_per_class),
+                                                             cfg.seed)
+    splits = list(sources)
     written = {}
-    for split, src_split in splits.items():
-        src = create_source(cfg.data.source, src_split)
+    for split, src in sources.items():
         write_wds(src, wds_dir, split, cfg.data.shard_size, cfg.data.write_workers, shuffle=(split == "train"),
                   seed=cfg.seed, overwrite=True, show_progress=show_progress)
         written[f"wds/{split}"] = len(src)

@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 from conftest import run_tool
 from engine import store
 from engine.cli import STAGES, main
@@ -47,3 +49,34 @@ def test_unwritable_out_fails_before_work(tmp_path, capsys):
     blocker.write_text("x")
     rc = main(["prepare", "--out", str(blocker / "out"), "data.source=digits:"])
     assert rc == 2 and str(blocker) in capsys.readouterr().err
+
+
+def test_holdout_split_is_carved_from_train_before_any_stage(tmp_path, capsys):
+    """data.holdout_per_class moves a seeded, class-stratified set of training images into their own
+    split: no image is in both, the train split shrinks by exactly that, and every class keeps the count."""
+    from engine.data.realsets import scan_labels
+    from engine.data.wds_reader import iter_shard
+
+    out = tmp_path / "run"
+    args = ["prepare", "--out", str(out), "--quiet", "data.source=digits:", "data.source_val_split=val",
+            "data.shard_size=500", "data.image_size=8", "data.write_workers=1", "data.ffcv=false",
+            "data.holdout_per_class=7"]
+    assert main(args) == 0
+    wds = str(out / "data" / "wds")
+    tkeys, tlab = scan_labels(f"wds:{wds}", "train")
+    hkeys, hlab = scan_labels(f"wds:{wds}", "holdout")
+    assert len(hkeys) == 70 and len(tkeys) == 1437 - 70
+    assert sorted(np.bincount(hlab).tolist()) == [7] * 10
+    # the two splits share no source image, and together they are the whole training source
+    src = {split: [json.loads(smp["json"])["source_key"] for shard in sorted((out / "data" / "wds").glob(f"{split}-*.tar"))
+                   for _, _, smp in iter_shard(str(shard))] for split in ("train", "holdout")}
+    assert not set(src["train"]) & set(src["holdout"])
+    assert len(set(src["train"]) | set(src["holdout"])) == 1437
+    m = store.read_json(str(out / "data" / "manifest.json"))
+    assert m["written"] == {"wds/train": 1367, "wds/holdout": 70, "wds/val": 360}
+    # a carve that would empty a class is refused with one line, before anything is written
+    bad = tmp_path / "bad"
+    assert main(["prepare", "--out", str(bad)] + args[3:-1] + ["data.holdout_per_class=500"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holdout_per_class=500" in err and "\n" not in err
+    assert not (bad / "data" / "manifest.json").exists()

@@ -186,6 +186,45 @@ class ImageFolderSource(Source):
         return Sample(key=rel, data=data, ext=IMAGE_EXTS[os.path.splitext(rel)[1].lower()], label=label)
 
 
+class SubsetSource(Source):
+    """A view of `parent` at the given positions (keys, labels and classes kept)."""
+
+    def __init__(self, parent: Source, indices, part: str):
+        self.parent, self.indices = parent, np.asarray(indices, dtype=np.int64)
+        self.classes, self.name = parent.classes, parent.name
+        self.location = f"{parent.location}[{part}]"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def where(self, key: str) -> str:
+        return self.parent.where(key)
+
+    def label(self, i: int) -> int:
+        return self.parent.label(int(self.indices[i]))
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.parent[int(self.indices[i])]
+
+
+def carve_holdout(source: Source, per_class: int, seed: int) -> tuple[Source, Source]:
+    """(rest, holdout): `per_class` images of every class moved to a held-out split, a seeded,
+    class-stratified choice. Settings are chosen on the holdout so the test split is read once."""
+    from ..seeding import np_rng
+
+    labels = np.asarray([source.label(i) for i in range(len(source))], dtype=np.int64)
+    held = []
+    for c in range(len(source.classes)):
+        pool = np.flatnonzero(labels == c)
+        if len(pool) <= per_class:
+            raise DataError(f"{source.describe()}: class '{source.classes[c]}' has {len(pool)} training images; "
+                            f"data.holdout_per_class={per_class} would leave none to train on")
+        held.append(np_rng(seed, "holdout", c).choice(pool, size=per_class, replace=False))
+    held_idx = np.sort(np.concatenate(held))
+    rest_idx = np.setdiff1d(np.arange(len(source)), held_idx)
+    return SubsetSource(source, rest_idx, "train"), SubsetSource(source, held_idx, "holdout")
+
+
 SOURCE_KINDS = ("imagefolder", "fashion-mnist", "digits")
 
 
