@@ -95,6 +95,13 @@ class ScddConfig:
     jitter: int = 4  # random roll in pixels
     init: str = "noise"  # noise | real
     init_lr: float = 0.05  # Adam lr when starting from real images
+    # real init: `random` (a seeded choice) or `confident` (the teacher's highest probability for
+    # the class among a seeded pool of init_pool x ipc images per class); distinct per IPC index
+    init_select: str = "random"
+    init_pool: int = 5
+    # diversity term: r_div x mean cosine similarity of the teacher's features between the IPC
+    # indices of a class within a unit (synth.ipc_per_unit of them; 0: off)
+    r_div: float = 0.0
     amp: bool = True  # bf16 autocast where the device supports it (CUDA)
     channels_last: bool = True  # where the device benefits (CUDA)
     log_every: int = 50
@@ -139,13 +146,42 @@ class RdedConfig:
 
 
 @dataclass
+class DatadamNetConfig:
+    """The randomly initialised ConvNet DataDAM matches attention in (a fresh one every iteration)."""
+    name: str = "convnetd3"  # convnetd3 | convnetd4 | convnetd5 | convnet (then `depth` blocks)
+    depth: int = 0  # 0: the name's depth; with name convnet: the number of blocks
+    width: int = 128  # channels per block
+    norm: str = "instance"  # instance | batch (train mode: batch statistics) | none
+
+
+@dataclass
+class DatadamConfig:
+    """DataDAM attention matching (METHODS.md section 4; engine.synth.datadam). Defaults: the
+    reference. Units are class blocks (synth.class_block classes, all their IPC indices)."""
+    iterations: int = 8000
+    lr: float = 1.0  # SGD lr of the pixels (normalised space)
+    momentum: float = 0.5
+    power: float = 4.0  # p of the attention map sum_channels |f|^p (at least 1)
+    lam: float = 0.01  # lambda: weight of the final-embedding term
+    loss_scale: float = 100.0  # both terms are multiplied by this
+    real_batch: int = 256  # real images per class per iteration
+    sample_with_replacement: bool = False  # a real batch larger than a class: error (false) or draw with replacement
+    real_per_class: int = 0  # real pool per class the batches come from: a seeded subset of N images (0: all)
+    init: str = "real"  # real (distinct real images per class and IPC index) | noise
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"  # one per-batch draw per class ('' or none: off)
+    net: DatadamNetConfig = field(default_factory=DatadamNetConfig)
+    log_every: int = 50  # iterations between loss records in the unit manifests
+
+
+@dataclass
 class SynthConfig:
     ipc: int = 10
-    class_block: int = 10  # classes per recovery batch (one image per class)
-    ipc_per_unit: int = 10  # IPC indices per unit of work (several share one forward pass)
+    class_block: int = 10  # classes per recovery batch (one image per class); DataDAM: classes per unit
+    ipc_per_unit: int = 10  # IPC indices per unit of work (several share one forward pass); not DataDAM's
     scdd: ScddConfig = field(default_factory=ScddConfig)
     tesla: TeslaConfig = field(default_factory=TeslaConfig)
     rded: RdedConfig = field(default_factory=RdedConfig)
+    datadam: DatadamConfig = field(default_factory=DatadamConfig)
 
 
 @dataclass
@@ -177,6 +213,24 @@ class TeslaEvalConfig:
 
 
 @dataclass
+class DatadamEvalConfig:
+    """DataDAM's hard-label protocol (the DC/DSA/DM evaluation): a fresh ConvNet of
+    synth.datadam.net's depth trained on the images with their class labels (cross-entropy) and DSA,
+    SGD with momentum and weight decay, lr x lr_decay_factor from a fraction of the epochs on; the
+    random-real control is trained the same way. Reported as distilled.hard / random_real.hard."""
+    epochs: int = 1000
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_decay_at: float = 0.5
+    lr_decay_factor: float = 0.1
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    width: int = 0  # the student's width (0: synth.datadam.net.width)
+    soft: bool = True  # also the soft-label protocol (eval.*, relabel.mode; needs the squeeze teacher)
+
+
+@dataclass
 class EvalConfig:
     student: ModelConfig = field(default_factory=ModelConfig)
     epochs: int = 300
@@ -192,6 +246,7 @@ class EvalConfig:
     val_limit: int = 0  # validate on the first N samples only (0: all)
     protocol: str = "kd"  # kd (the relabel.mode labels, eval.* optimiser) | tesla (method tesla: eval.tesla)
     tesla: TeslaEvalConfig = field(default_factory=TeslaEvalConfig)
+    datadam: DatadamEvalConfig = field(default_factory=DatadamEvalConfig)  # method datadam's hard-label protocol
 
 
 @dataclass
@@ -250,7 +305,7 @@ class ClusterConfig:
 class EngineConfig:
     name: str = "demo"
     seed: int = 0
-    method: str = "scdd"  # scdd | tesla | rded
+    method: str = "scdd"  # scdd | tesla | rded | datadam
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch threads (0: the CPUs this process may use)
     data: DataConfig = field(default_factory=DataConfig)

@@ -19,26 +19,18 @@ from .errors import EngineError
 from .preview import preview_grid
 from .teacher import load_teacher
 
-METHODS = ("scdd", "tesla", "rded")
+METHODS = ("scdd", "tesla", "rded", "datadam")
 
 
 def _classes(cfg, locs) -> list[str]:
     return shard_info(locs["train"], cfg.data.train_split)["classes"]
 
 
-def real_init(cfg, locs, unit, labels_cache) -> torch.Tensor:
-    """Real starting images for a unit: distinct per (class, IPC index), a seeded choice."""
-    keys, labels = labels_cache()
-    picks = pick_per_class(labels, unit.classes, cfg.synth.ipc, cfg.seed, "scdd-init")
-    chosen = [keys[picks[c][i]] for c in unit.classes for i in range(unit.ipc_start, unit.ipc_end)]
-    imgs = load_images(locs["train"], cfg.data.train_split, chosen, cfg.data.channels)
-    return torch.stack([imgs[k] for k in chosen]), chosen
-
-
 def scdd_worker(config: dict, out: str, locs: dict):
     """Unit factory (engine.cluster.workers): load the teacher once, return `work(unit)`."""
     from .config import from_dict
     from .runtime import pick_device
+    from .synth.realinit import real_init
     from .synth.scdd import recover
 
     cfg = from_dict(config)
@@ -48,14 +40,15 @@ def scdd_worker(config: dict, out: str, locs: dict):
     labels_cache = cached_labels(locs["train"], cfg.data.train_split)
 
     def work(unit):
-        init, init_keys = (None, None)
+        init, init_keys, init_scores = (None, None, None)
         if cfg.synth.scdd.init == "real":
-            init, init_keys = real_init(cfg, locs, unit, labels_cache)
+            init, init_keys, init_scores = real_init(cfg, locs, unit, labels_cache, teacher, device)
         res = recover(teacher, unit.classes, (unit.ipc_start, unit.ipc_end), cfg.synth.scdd, list(cfg.data.mean),
                       list(cfg.data.std), cfg.data.image_size, cfg.data.channels, cfg.seed, device,
                       init_images=init)
         st = res["stats"]
-        info = {"seed": cfg.seed, "losses": res["losses"], "init_keys": init_keys,
+        info = {"seed": cfg.seed, "losses": res["losses"], "init_keys": init_keys, "init_scores": init_scores,
+                "init_select": cfg.synth.scdd.init_select if init is not None else None,
                 "teacher_agreement": round(st["teacher_agreement"], 4), "img_it_per_s": round(st["img_it_per_s"], 1),
                 "threads": st["threads"], "device": st["device"]}
         if init is not None:
@@ -72,6 +65,10 @@ def run_synthesize(cfg, out: str, locs: dict, device, show_progress: bool = True
         from .synth.tesla_stage import run_synthesize_tesla
 
         return run_synthesize_tesla(cfg, out, locs, device, show_progress)
+    if cfg.method == "datadam":  # attention matching, class blocks as units (engine.synth.datadam_stage)
+        from .synth.datadam_stage import run_synthesize_datadam
+
+        return run_synthesize_datadam(cfg, out, locs, device, show_progress)
     classes = _classes(cfg, locs)
     dest = store.join(out, DISTILLED)
     if cfg.method == "rded":  # real patches picked by the teacher (engine.synth.rded_stage)
@@ -82,6 +79,9 @@ def run_synthesize(cfg, out: str, locs: dict, device, show_progress: bool = True
     else:
         # only what decides SC-DD's images (other methods' sections leave its hash alone)
         scdd_synth = {k: cfg.synth[k] for k in ("ipc", "class_block", "ipc_per_unit", "scdd")}
+        from .synth.realinit import check_init
+
+        check_init(cfg.synth.scdd)
         factory = scdd_worker
         settings_hash = config_hash({"synth": scdd_synth, "seed": cfg.seed, "method": cfg.method})
     if store.exists(store.join(dest, store.MANIFEST)):
@@ -199,6 +199,10 @@ def run_evaluate(cfg, out: str, locs: dict, device, show_progress: bool = True) 
     (cluster.eval_workers workers) with the Ray backend, in this process with the local one."""
     from .cluster.session import check_backend
 
+    if cfg.method == "datadam":  # its hard-label protocol + the soft-label one (engine.synth.datadam_stage)
+        from .synth.datadam_stage import run_evaluate_datadam
+
+        return run_evaluate_datadam(cfg, out, locs, device, show_progress)
     t0 = time.time()
     args = {"config": to_dict(cfg), "out": out, "locs": locs}
     inputs_fn = evaluate_inputs

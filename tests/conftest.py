@@ -40,6 +40,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def digits_prepared_run(tmp_path_factory):
+    """An --out with sklearn digits prepared (8 px shards) and a 1-epoch supervised teacher, made
+    through the CLI with the demo recipe and the DIGITS overrides; shared by the unit-factory tests."""
+    from engine.cli import main
+    from tests_digits import DIGITS
+
+    out = tmp_path_factory.mktemp("digits") / "run"
+    base = ["--config", "configs/demo/fashion_scdd.yaml", "--out", str(out), "--quiet", *DIGITS, "teacher.epochs=1"]
+    assert main(["prepare", *base]) == 0 and main(["squeeze", *base]) == 0
+    return out
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     root = tmp_path / "imagefolder"

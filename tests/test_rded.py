@@ -228,14 +228,8 @@ def test_rded_settings_are_a_typed_config_section():
 
 # --------------------------------------------------------------------------- the unit factory
 @pytest.fixture(scope="module")
-def digits_teacher(tmp_path_factory):
-    from engine.cli import main
-    from tests_digits import DIGITS
-
-    out = tmp_path_factory.mktemp("rded") / "run"
-    base = ["--config", "configs/demo/fashion_scdd.yaml", "--out", str(out), "--quiet", *DIGITS, "teacher.epochs=1"]
-    assert main(["prepare", *base]) == 0 and main(["squeeze", *base]) == 0
-    return out
+def digits_teacher(digits_prepared_run):
+    return digits_prepared_run
 
 
 def digits_config(out, **rded):

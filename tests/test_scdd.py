@@ -328,3 +328,50 @@ def test_bad_init_images_and_normalisation():
         recover(model, [0], (0, 1), cfg_for(), [0.5] * 3, [0.5] * 3, 12, 1, 0, "cpu")
     with pytest.raises(EngineError, match="iterations"):
         recover(model, [0], (0, 1), dataclasses.replace(cfg_for(), iterations=-1), MEAN, STD, 12, 1, 0, "cpu")
+
+
+# --- (d) the diversity term ----------------------------------------------------
+
+def test_feature_similarity_equals_direct_pairwise_cosine():
+    from engine.synth.scdd import feature_similarity
+
+    torch.manual_seed(0)
+    G, B, D = 3, 4, 7
+    f = torch.randn(G * B, D)
+    pairs = [F.cosine_similarity(f[g * B + b], f[h * B + b], dim=0)
+             for b in range(B) for g in range(G) for h in range(G) if g != h]
+    torch.testing.assert_close(feature_similarity(f, G, B), torch.stack(pairs).mean())
+    # identical IPC indices: similarity 1; the term is what the optimiser pushes down
+    torch.testing.assert_close(feature_similarity(f[:B].repeat(G, 1), G, B), torch.tensor(1.0))
+
+
+def _final_similarity(model, images, G, B, mean, std):
+    from engine.synth.scdd import feature_similarity
+
+    feats = []
+    h = model.fc.register_forward_hook(lambda m, i, o: feats.append(i[0]))
+    x = (images.float() / 255 - mean[0]) / std[0]
+    # class-major (class, ipc) rows -> group-major (ipc, class)
+    x = x.view(B, G, *x.shape[1:]).transpose(0, 1).reshape(G * B, *x.shape[1:])
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    return float(feature_similarity(feats[0], G, B))
+
+
+def test_diversity_term_lowers_feature_similarity_between_ipc_indices(digits_teacher):
+    model, mean, std = digits_teacher
+    classes, G = [0, 1, 2], 4
+    sims, ces = {}, {}
+    for r_div in (0.0, 2.0):
+        res = recover(model, classes, (0, G), cfg_for(iterations=60, log_every=59, lr=0.1, r_div=r_div), mean, std,
+                      8, 1, seed=0, device="cpu")
+        sims[r_div] = _final_similarity(model, res["images"], G, len(classes), mean, std)
+        ces[r_div] = res["losses"][-1]
+        assert ("similarity" in res["losses"][-1]) == (r_div > 0) and res["stats"]["r_div"] == r_div
+    print("feature similarity between IPC indices:", sims)
+    assert sims[2.0] < sims[0.0] - 0.05, sims
+    # one IPC index per unit: nothing to compare, the term is off and the images are those of r_div 0
+    one = [recover(model, classes, (0, 1), cfg_for(iterations=5, r_div=r), mean, std, 8, 1, seed=0, device="cpu")
+           for r in (0.0, 2.0)]
+    assert torch.equal(one[0]["images"], one[1]["images"])

@@ -275,11 +275,26 @@ def teacher_num_classes(model: nn.Module) -> int | None:
     n = getattr(model, "num_classes", None)
     if isinstance(n, int) and n > 0:
         return n
+    last = _last_linear(model)
+    return last.out_features if last is not None else None
+
+
+def _last_linear(model: nn.Module) -> nn.Linear | None:
     last = None
     for m in model.modules():
         if isinstance(m, nn.Linear):
             last = m
-    return last.out_features if last is not None else None
+    return last
+
+
+def feature_similarity(feats: torch.Tensor, groups: int, per_group: int) -> torch.Tensor:
+    """Mean cosine similarity between the features of different IPC indices of one class, over
+    classes. `feats`: (groups * per_group, D), group-major (row g * per_group + b = class b, IPC g)."""
+    G, B = groups, per_group
+    f = F.normalize(feats.reshape(G, B, -1), dim=2)
+    sim = torch.einsum("gbd,hbd->bgh", f, f)  # (B, G, G) per class
+    off = sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)
+    return off.sum() / (B * G * (G - 1))
 
 
 def _describe(classes: list[int], ipc_start: int, ipc_end: int) -> str:
@@ -309,6 +324,8 @@ def _validate(teacher, classes, ipc_range, cfg, mean, std, image_size, channels,
     if not 0 <= ipc_start < ipc_end:
         raise EngineError(f"SC-DD recovery: IPC range ({ipc_start}, {ipc_end}) is invalid "
                           "(expected 0 <= start < end)")
+    if float(getattr(cfg, "r_div", 0.0)) < 0:
+        raise EngineError(f"synth.scdd.r_div: expected >= 0, got {cfg.r_div}")
     if int(cfg.iterations) < 0:
         raise EngineError(f"synth.scdd.iterations: expected >= 0, got {cfg.iterations}")
     if len(mean) != channels or len(std) != channels:
@@ -375,7 +392,8 @@ def recover(teacher: nn.Module, classes: list[int], ipc_range: tuple[int, int], 
     augment = _Augment(cfg, seed, classes[0], ipc_start, G, B, S)
     opt = torch.optim.Adam([x], lr=lr, betas=tuple(float(b) for b in cfg.adam_betas))
     group = opt.param_groups[0]
-    hist = torch.zeros(max(iterations, 1), 3, device=device)  # per iteration: ce, bn, total (summed over groups)
+    # per iteration: ce, bn, total (summed over groups), diversity term (before r_div)
+    hist = torch.zeros(max(iterations, 1), 4, device=device)
     losses: list[dict] = []
 
     modes = [(m, m.training) for m in teacher.modules()]
@@ -386,6 +404,12 @@ def recover(teacher: nn.Module, classes: list[int], ipc_range: tuple[int, int], 
     teacher.eval()
     teacher.requires_grad_(False)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else None
+    r_div = float(getattr(cfg, "r_div", 0.0))
+    feats: list[torch.Tensor] = []
+    head = _last_linear(teacher) if r_div > 0 and G > 1 else None
+    if r_div > 0 and G > 1 and head is None:
+        raise EngineError("synth.scdd.r_div: the teacher has no final Linear layer to take features from")
+    feat_hook = head.register_forward_hook(lambda m, i, o: feats.append(i[0])) if head is not None else None
     try:
         t0 = time.perf_counter()
         checked = 0  # iterations [0, checked) are known finite
@@ -404,17 +428,25 @@ def recover(teacher: nn.Module, classes: list[int], ipc_range: tuple[int, int], 
                 ce = F.cross_entropy(logits.float(), y, reduction="sum") * (1.0 / B)
                 bn_loss = bn.loss()[0].sum()
                 loss = ce + r_bn * bn_loss
+                if head is not None:
+                    # Diversity: mean cosine similarity of the teacher's features between the IPC
+                    # indices of each class (x G so that r_div weighs it like one group's CE).
+                    div = G * feature_similarity(feats.pop().float(), G, B)
+                    loss = loss + r_div * div
+                    hist[it, 3] = div.detach()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 with torch.no_grad():
                     x.clamp_(lo, hi)
-                    hist[it] = torch.stack((ce, bn_loss, loss))
+                    hist[it, :3] = torch.stack((ce, bn_loss, loss))
                 if (log_every > 0 and it % log_every == 0) or it == iterations - 1:
                     _check_finite(hist, checked, it + 1, where)
                     checked = it + 1
-                    ce_v, bn_v, tot_v = (v / G for v in hist[it].tolist())
+                    ce_v, bn_v, tot_v, div_v = (v / G for v in hist[it].tolist())
                     rec = {"iter": it, "ce": ce_v, "bn": bn_v, "total": tot_v}
+                    if head is not None:
+                        rec["similarity"] = div_v
                     losses.append(rec)
                     if log is not None:
                         log(rec)
@@ -434,6 +466,8 @@ def recover(teacher: nn.Module, classes: list[int], ipc_range: tuple[int, int], 
                     pred = teacher(xq).argmax(1)
             agreement = (pred == y).float().mean().item()
     finally:
+        if feat_hook is not None:
+            feat_hook.remove()
         for m, mode in modes:
             m.training = mode
         for p, flag in zip(teacher.parameters(), grad_flags):
@@ -447,7 +481,7 @@ def recover(teacher: nn.Module, classes: list[int], ipc_range: tuple[int, int], 
         "init": "noise" if init_images is None else "images",
         "seconds": seconds, "img_it_per_s": N * iterations / seconds if seconds > 0 else 0.0,
         "teacher_agreement": agreement, "device": str(device), "amp": use_amp, "channels_last": use_cl,
-        "threads": torch.get_num_threads(), "augment_per": "group",
+        "threads": torch.get_num_threads(), "augment_per": "group", "r_div": r_div if head is not None else 0.0,
     }
     return {"images": images, "labels": labels, "losses": losses, "stats": stats}
 

@@ -1,0 +1,86 @@
+"""Real starting images for SC-DD recovery: which training images a unit starts from.
+
+    images, keys, scores = real_init(cfg, locs, unit, labels_cache, teacher, device)
+
+`synth.scdd.init_select`:
+  random     a seeded choice of `synth.ipc` distinct images per class (purpose "scdd-init");
+  confident  a seeded pool of `init_pool x ipc` images per class (purpose "scdd-init-pool"),
+             ranked by the teacher's probability of the class on the un-augmented image; IPC
+             index i starts from the i-th most confident one.
+Either way the choice is made for the whole class, whatever the unit, and the unit takes its IPC
+slice of it: two IPC indices of a class never share an image, and a unit run alone starts from
+the same images as inside a whole run. Images are read through the shard reader by key.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..data.realsets import load_images, pick_per_class
+from ..errors import ConfigError
+
+SELECTS = ("random", "confident")
+
+
+def check_init(scfg) -> None:
+    """One line for a bad synth.scdd init setting, before any worker starts."""
+    if scfg.init not in ("noise", "real"):
+        raise ConfigError(f"synth.scdd.init: expected noise or real, got '{scfg.init}'")
+    if scfg.init_select not in SELECTS:
+        raise ConfigError(f"synth.scdd.init_select: expected one of {', '.join(SELECTS)}, got '{scfg.init_select}'")
+    if int(scfg.init_pool) < 1:
+        raise ConfigError(f"synth.scdd.init_pool: expected >= 1, got {scfg.init_pool}")
+    if float(scfg.r_div) < 0:
+        raise ConfigError(f"synth.scdd.r_div: expected >= 0, got {scfg.r_div}")
+
+
+@torch.no_grad()
+def class_confidence(teacher, images: torch.Tensor, cls: int, mean, std, device, batch: int = 256) -> torch.Tensor:
+    """The teacher's softmax probability of `cls` for uint8 images (N, C, H, W), eval mode."""
+    was = teacher.training
+    teacher.eval()
+    C = images.shape[1]
+    m = torch.tensor([float(v) for v in mean]).view(1, C, 1, 1)
+    s = torch.tensor([float(v) for v in std]).view(1, C, 1, 1)
+    out = []
+    try:
+        for i in range(0, len(images), batch):
+            x = ((images[i:i + batch].float() / 255 - m) / s).to(device)
+            out.append(teacher(x).float().softmax(1)[:, cls].cpu())
+    finally:
+        teacher.train(was)
+    return torch.cat(out)
+
+
+def class_picks(cfg, locs, classes, labels_cache, teacher=None, device="cpu") -> dict:
+    """Per class: (keys, scores) of the images IPC indices 0 .. ipc-1 start from (scores None for random)."""
+    keys, labels = labels_cache()
+    ipc, scfg = int(cfg.synth.ipc), cfg.synth.scdd
+    if scfg.init_select == "random":
+        picks = pick_per_class(labels, classes, ipc, cfg.seed, "scdd-init")
+        return {c: ([keys[i] for i in picks[c]], None) for c in classes}
+    pools = {}
+    for c in classes:
+        size = max(ipc, min(int(scfg.init_pool) * ipc, int(np.sum(labels == c))))
+        pools[c] = [keys[i] for i in pick_per_class(labels, [c], size, cfg.seed, "scdd-init-pool")[c]]
+    imgs = load_images(locs["train"], cfg.data.train_split, [k for c in classes for k in pools[c]],
+                       cfg.data.channels)  # one pass over the shards for the whole unit
+    out = {}
+    for c in classes:
+        pool = pools[c]
+        conf = class_confidence(teacher, torch.stack([imgs[k] for k in pool]), c, cfg.data.mean, cfg.data.std,
+                                device)
+        order = torch.argsort(-conf, stable=True)[:ipc].tolist()  # ties: pool order
+        out[c] = ([pool[i] for i in order], [round(float(conf[i]), 6) for i in order])
+    return out
+
+
+def real_init(cfg, locs, unit, labels_cache, teacher=None, device="cpu"):
+    """(uint8 images class-major (len(classes) * n_ipc, C, H, W), their keys, their scores or None)."""
+    per_class = class_picks(cfg, locs, unit.classes, labels_cache, teacher, device)
+    sl = slice(unit.ipc_start, unit.ipc_end)
+    chosen = [k for c in unit.classes for k in per_class[c][0][sl]]
+    scores = None if cfg.synth.scdd.init_select == "random" else \
+        [s for c in unit.classes for s in per_class[c][1][sl]]
+    imgs = load_images(locs["train"], cfg.data.train_split, chosen, cfg.data.channels)
+    return torch.stack([imgs[k] for k in chosen]), chosen, scores
