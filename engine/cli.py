@@ -18,7 +18,7 @@ STAGES = {
     "prepare": ("build train/val shards (WebDataset + FFCV) from the configured raw source", None),
     "squeeze": ("train or load the teacher (supervised or self-supervised + probe)", None),
     "experts": ("train expert trajectories for trajectory matching (TESLA) into experts/", None),
-    "synthesize": ("distil images (SC-DD recovery, TESLA or RDED; DataDAM in a later issue) into distilled/", None),
+    "synthesize": ("distil images (SC-DD recovery, TESLA, RDED or DataDAM) into distilled/", None),
     "relabel": ("soft labels for the distilled images (stored mode)", None),
     "evaluate": ("train students on distilled and random-real sets, write results.json", None),
     "run": ("the whole pipeline, skipping stages whose artifacts exist", None),
