@@ -51,8 +51,7 @@ def scdd_worker(config: dict, out: str, locs: dict):
                 "init_select": cfg.synth.scdd.init_select if init is not None else None,
                 "teacher_agreement": round(st["teacher_agreement"], 4), "img_it_per_s": round(st["img_it_per_s"], 1),
                 "threads": st["threads"], "device": st["device"]}
-        if init is not None:
-            info["mean_abs_pixel_change"] = round(float((res["images"].float() - init.float()).abs().mean()), 3)
+        info["mean_abs_pixel_change"] = round(st["mean_abs_pixel_change"], 3)  # from the start, 0..255 units
         return {"images": res["images"], "labels": res["labels"]}, info
 
     return work
@@ -233,6 +232,7 @@ def run_evaluate(cfg, out: str, locs: dict, device, show_progress: bool = True) 
                           "mode": tman["mode"], "model": tman["model"]["name"]}
     dman = store.read_json(store.join(out, DISTILLED, store.MANIFEST))
     results["synthesis"] = {"teacher_agreement": _mean_unit(out, "teacher_agreement"),
+                            "mean_abs_pixel_change": _mean_unit(out, "mean_abs_pixel_change"),
                             "units": dman.get("units")}
     results["random_real_keys"] = random_real_set(cfg, locs, n, keys_only=True) if cfg.eval.random_real else None
     timing = results.setdefault("timing_s", {})

@@ -387,7 +387,7 @@ def recover(teacher: nn.Module, classes: list[int], ipc_range: tuple[int, int], 
         x0 = init_images.view(B, G, C, S, S).transpose(0, 1).reshape(N, C, S, S).float() / 255
         x0 = (x0 - mean_t) / std_t
         lr = float(cfg.init_lr)
-    x = x0.to(device).contiguous(memory_format=fmt).requires_grad_(True)
+    x = x0.to(device, copy=True).contiguous(memory_format=fmt).requires_grad_(True)  # x0 stays the start
     y = torch.tensor(classes, dtype=torch.long).repeat(G).to(device)
     augment = _Augment(cfg, seed, classes[0], ipc_start, G, B, S)
     opt = torch.optim.Adam([x], lr=lr, betas=tuple(float(b) for b in cfg.adam_betas))
@@ -465,6 +465,10 @@ def recover(teacher: nn.Module, classes: list[int], ipc_range: tuple[int, int], 
                 with autocast():
                     pred = teacher(xq).argmax(1)
             agreement = (pred == y).float().mean().item()
+            # how far the saved images moved from their start, in 0..255 pixel units (the start
+            # clipped to the valid range, as it would be saved)
+            start = (x0.to(device) * std_t.to(device) + mean_t.to(device)).clamp_(0, 1).mul_(255).round_()
+            moved = (images.float() - start).abs().mean().item()
     finally:
         if feat_hook is not None:
             feat_hook.remove()
@@ -480,7 +484,8 @@ def recover(teacher: nn.Module, classes: list[int], ipc_range: tuple[int, int], 
         "groups": G, "batch": N, "iterations": iterations, "images": N, "lr": lr,
         "init": "noise" if init_images is None else "images",
         "seconds": seconds, "img_it_per_s": N * iterations / seconds if seconds > 0 else 0.0,
-        "teacher_agreement": agreement, "device": str(device), "amp": use_amp, "channels_last": use_cl,
+        "teacher_agreement": agreement, "mean_abs_pixel_change": moved,
+        "device": str(device), "amp": use_amp, "channels_last": use_cl,
         "threads": torch.get_num_threads(), "augment_per": "group", "r_div": r_div if head is not None else 0.0,
     }
     return {"images": images, "labels": labels, "losses": losses, "stats": stats}
