@@ -293,3 +293,13 @@ def test_worker_refuses_more_real_images_than_a_class_has(digits_teacher):
     bad, locs = digits_config(digits_teacher, factor=3)
     with pytest.raises(ConfigError, match="not divisible by factor 3"):
         rded_worker(bad, str(digits_teacher), locs)
+
+
+def test_imagenet_recipe_loads_and_passes_the_rded_checks():
+    from engine.config import load_config
+    from engine.synth.rded_stage import check_rded_config
+
+    cfg = load_config("configs/imagenet1k/rded_r18_ipc50.yaml")
+    assert cfg.method == "rded" and cfg.synth.ipc == 50 and cfg.data.image_size == 224
+    rcfg = check_rded_config(cfg)
+    assert rcfg.factor == 2 and rcfg.num_real >= cfg.synth.ipc * rcfg.factor ** 2
