@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 OUT ?= runs/demo
 
-.PHONY: setup demo test test-slow bench-loader bench-cluster
+.PHONY: setup demo test test-slow bench-loader bench-cluster bench-datadam
 setup:
 	@bash tools/setup_env.sh
 
@@ -20,3 +20,6 @@ bench-loader: setup
 
 bench-cluster: setup
 	$(PY) tools/bench/cluster.py
+
+bench-datadam: setup
+	flock /tmp/engine-heavy.lock $(PY) tools/bench/datadam.py
