@@ -95,8 +95,9 @@ class ScddConfig:
     jitter: int = 4  # random roll in pixels
     init: str = "noise"  # noise | real
     init_lr: float = 0.05  # Adam lr when starting from real images
-    # real init: `random` (a seeded choice) or `confident` (the teacher's highest probability for
-    # the class among a seeded pool of init_pool x ipc images per class); distinct per IPC index
+    # real init: `random` (a seeded choice), `confident` (the teacher's highest probability for the
+    # class among a seeded pool of init_pool x ipc images per class) or `kmeans` (the pool image
+    # nearest each of ipc k-means centroids of the teacher's features); distinct per IPC index
     init_select: str = "random"
     init_pool: int = 5
     # diversity term: r_div x mean cosine similarity of the teacher's features between the IPC

@@ -38,7 +38,7 @@ def shard_truth(locs):
     return truth
 
 
-@pytest.mark.parametrize("select", ["random", "confident"])
+@pytest.mark.parametrize("select", ["random", "confident", "kmeans"])
 def test_real_init_reads_exactly_the_images_it_reports(digits_prepared_run, select):
     from engine.synth.realinit import real_init
     from engine.teacher import load_teacher
@@ -55,7 +55,7 @@ def test_real_init_reads_exactly_the_images_it_reports(digits_prepared_run, sele
     assert (scores is None) == (select == "random")
 
 
-@pytest.mark.parametrize("select", ["random", "confident"])
+@pytest.mark.parametrize("select", ["random", "confident", "kmeans"])
 def test_two_ipc_indices_never_share_an_initial_image(digits_prepared_run, select):
     from engine.synth.realinit import class_picks, real_init
     from engine.teacher import load_teacher
@@ -117,8 +117,29 @@ def test_bad_init_settings_fail_with_one_line():
     from engine.synth.realinit import check_init
 
     for over, needle in (("synth.scdd.init=photo", "synth.scdd.init: expected noise or real"),
-                         ("synth.scdd.init_select=best", "synth.scdd.init_select: expected one of random, confident"),
+                         ("synth.scdd.init_select=best", "synth.scdd.init_select: expected one of random, confident, kmeans"),
                          ("synth.scdd.init_pool=0", "synth.scdd.init_pool: expected >= 1"),
                          ("synth.scdd.r_div=-1", "synth.scdd.r_div: expected >= 0")):
         with pytest.raises(ConfigError, match=needle):
             check_init(load_config("configs/demo/fashion_scdd.yaml", [over]).synth.scdd)
+
+
+def test_kmeans_order_takes_one_image_per_cluster_nearest_its_centre_largest_first():
+    from engine.synth.realinit import kmeans_order
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    sizes = [3, 7, 5]
+    rows, which = [], []
+    for j, n in enumerate(sizes):
+        pts = centres[j] + 0.5 * torch.randn(n, 2, generator=g)
+        rows.append(pts)
+        which += [j] * n
+    feats = torch.cat(rows)
+    order = kmeans_order(feats, 3, seed=1)
+    assert [which[i] for i in order] == [1, 2, 0]  # one per cluster, largest cluster first
+    for i in order:  # each is the member nearest its cluster's mean
+        members = [n for n, w in enumerate(which) if w == which[i]]
+        mean = feats[members].mean(0)
+        assert i == min(members, key=lambda n: float((feats[n] - mean).square().sum()))
+    assert kmeans_order(feats, 3, seed=1) == order  # seeded

@@ -7,6 +7,10 @@
   confident  a seeded pool of `init_pool x ipc` images per class (purpose "scdd-init-pool"),
              ranked by the teacher's probability of the class on the un-augmented image; IPC
              index i starts from the i-th most confident one.
+  kmeans     the same pool clustered into `ipc` groups by k-means on the teacher's penultimate
+             features (seeded); each IPC index starts from the image nearest one centroid, the
+             largest cluster first: starts that cover the class rather than repeat its mode
+             (the prototype choice of D4M / herding-style coresets).
 Either way the choice is made for the whole class, whatever the unit, and the unit takes its IPC
 slice of it: two IPC indices of a class never share an image, and a unit run alone starts from
 the same images as inside a whole run. Images are read through the shard reader by key.
@@ -18,8 +22,9 @@ import torch
 
 from ..data.realsets import load_images, pick_per_class
 from ..errors import ConfigError
+from ..seeding import derive_seed
 
-SELECTS = ("random", "confident")
+SELECTS = ("random", "confident", "kmeans")
 
 
 def check_init(scfg) -> None:
@@ -35,21 +40,49 @@ def check_init(scfg) -> None:
 
 
 @torch.no_grad()
-def class_confidence(teacher, images: torch.Tensor, cls: int, mean, std, device, batch: int = 256) -> torch.Tensor:
-    """The teacher's softmax probability of `cls` for uint8 images (N, C, H, W), eval mode."""
+def teacher_outputs(teacher, images: torch.Tensor, mean, std, device, batch: int = 256):
+    """(softmax probabilities, penultimate features) of uint8 images (N, C, H, W), eval mode."""
+    from .scdd import _last_linear
+
     was = teacher.training
     teacher.eval()
     C = images.shape[1]
     m = torch.tensor([float(v) for v in mean]).view(1, C, 1, 1)
     s = torch.tensor([float(v) for v in std]).view(1, C, 1, 1)
-    out = []
+    probs, feats = [], []
+    hook = _last_linear(teacher).register_forward_hook(lambda mod, i, o: feats.append(i[0].float().cpu()))
     try:
         for i in range(0, len(images), batch):
             x = ((images[i:i + batch].float() / 255 - m) / s).to(device)
-            out.append(teacher(x).float().softmax(1)[:, cls].cpu())
+            probs.append(teacher(x).float().softmax(1).cpu())
     finally:
+        hook.remove()
         teacher.train(was)
-    return torch.cat(out)
+    return torch.cat(probs), torch.cat(feats)
+
+
+def class_confidence(teacher, images: torch.Tensor, cls: int, mean, std, device) -> torch.Tensor:
+    """The teacher's softmax probability of `cls` for uint8 images (N, C, H, W), eval mode."""
+    return teacher_outputs(teacher, images, mean, std, device)[0][:, cls]
+
+
+def kmeans_order(feats: torch.Tensor, k: int, seed: int) -> list[int]:
+    """Indices of the `k` rows nearest the centroids of a seeded k-means of `feats`, one per
+    cluster, largest cluster first (ties: lower cluster id)."""
+    from sklearn.cluster import KMeans
+
+    x = feats.double().numpy()
+    km = KMeans(n_clusters=k, n_init=3, random_state=seed % (2 ** 32)).fit(x)
+    d = ((x[:, None, :] - km.cluster_centers_[None]) ** 2).sum(2)  # (N, k)
+    sizes = np.bincount(km.labels_, minlength=k)
+    chosen, taken = [], set()
+    for j in sorted(range(k), key=lambda j: (-sizes[j], j)):
+        for i in np.argsort(d[:, j], kind="stable"):
+            if int(i) not in taken:  # two centroids never share their nearest image
+                chosen.append(int(i))
+                taken.add(int(i))
+                break
+    return chosen
 
 
 def class_picks(cfg, locs, classes, labels_cache, teacher=None, device="cpu") -> dict:
@@ -68,9 +101,13 @@ def class_picks(cfg, locs, classes, labels_cache, teacher=None, device="cpu") ->
     out = {}
     for c in classes:
         pool = pools[c]
-        conf = class_confidence(teacher, torch.stack([imgs[k] for k in pool]), c, cfg.data.mean, cfg.data.std,
-                                device)
-        order = torch.argsort(-conf, stable=True)[:ipc].tolist()  # ties: pool order
+        probs, feats = teacher_outputs(teacher, torch.stack([imgs[k] for k in pool]), cfg.data.mean, cfg.data.std,
+                                       device)
+        conf = probs[:, c]
+        if scfg.init_select == "kmeans":
+            order = kmeans_order(feats, ipc, derive_seed(cfg.seed, "scdd-init-kmeans", c))
+        else:
+            order = torch.argsort(-conf, stable=True)[:ipc].tolist()  # ties: pool order
         out[c] = ([pool[i] for i in order], [round(float(conf[i]), 6) for i in order])
     return out
 

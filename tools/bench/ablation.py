@@ -45,6 +45,8 @@ ROWS = {
     "noise_div": ("from noise + feature-diversity term (r_div 1)", ["synth.scdd.init=noise", "synth.scdd.r_div=1.0"]),
     "real_random": ("from random real images (500 it, lr 0.05)", REAL),
     "real_confident": ("from the teacher's most confident real images", REAL + ["synth.scdd.init_select=confident"]),
+    "real_kmeans": ("from real images nearest k-means centroids of the teacher's features (pool 20 x IPC)",
+                    REAL + ["synth.scdd.init_select=kmeans", "synth.scdd.init_pool=20"]),
     "real_random_div": ("from random real images + diversity term (r_div 1)", REAL + ["synth.scdd.r_div=1.0"]),
     "rded_f1": ("rded, factor 1 (whole best crop)", ["method=rded", "synth.rded.factor=1", "synth.ipc_per_unit=10"]),
     "rded_f2": ("rded, factor 2 (2x2 patches)", ["method=rded", "synth.rded.factor=2", "synth.ipc_per_unit=10"]),
