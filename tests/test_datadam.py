@@ -344,11 +344,11 @@ def test_imagenet_recipe_is_the_reference_and_its_launcher_checks_locations():
 @pytest.mark.slow
 def test_fashion_datadam_recipe_end_to_end_small(tmp_path):
     """configs/demo/fashion_datadam.yaml with size overrides: teacher 1 epoch, 30 iterations, students 30
-    epochs, one seed, validation on 2,000 test images, local backend."""
+    (soft) and 100 (hard) epochs, one seed, validation on 2,000 test images, local backend."""
     out = tmp_path / "demo"
     r = run_tool("-m", "engine", "run", "--config", RECIPE, "--out", out, "--quiet", "cluster.backend=local",
                  "threads=1", "teacher.epochs=1", "synth.datadam.iterations=30", "eval.epochs=30",
-                 "eval.datadam.epochs=30", "eval.seeds=[0]", "eval.val_limit=2000", timeout=1800)
+                 "eval.datadam.epochs=100", "eval.seeds=[0]", "eval.val_limit=2000", timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
     assert res["teacher"]["top1"] > 60
