@@ -105,7 +105,7 @@ def test_demo_recipe_end_to_end_small(tmp_path):
     r = run_tool("-m", "engine", "run", "--config", "configs/demo/fashion_scdd.yaml", "--out", out, "--quiet",
                  "teacher.ssl_epochs=1", "teacher.ssl_train_limit=4000", "teacher.probe_epochs=2",
                  "teacher.finetune_epochs=0", "synth.scdd.iterations=200", "eval.epochs=30",
-                 "eval.val_limit=2000", "eval.full_data_epochs=1", timeout=1800)
+                 "eval.seeds=[0]", "eval.val_limit=2000", "eval.full_data_epochs=1", timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
     assert res["teacher"]["top1"] > 50  # a weak but real SSL teacher on Fashion-MNIST
