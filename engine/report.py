@@ -36,7 +36,7 @@ def welch_test(a: list[float], b: list[float]) -> dict | None:
     return {"t": float(res.statistic), "df": float(df), "p": float(res.pvalue), "n": [na, nb]}
 
 
-def _top1s(summary: dict | None, hard: bool = False) -> list[float]:
+def top1s(summary: dict | None, hard: bool = False) -> list[float]:
     if not summary:
         return []
     if hard:
@@ -51,7 +51,7 @@ def compare(results: dict) -> dict:
         return results
     welch = {}
     for key, hard in (("soft", False), ("hard", True)):
-        a, b = _top1s(d, hard), _top1s(r, hard)
+        a, b = top1s(d, hard), top1s(r, hard)
         if a and b:
             results["gain_over_random" + ("_hard" if hard else "")] = statistics.fmean(a) - statistics.fmean(b)
             test = welch_test(a, b)
@@ -62,8 +62,8 @@ def compare(results: dict) -> dict:
     return results
 
 
-def _cell(summary: dict | None, hard: bool = False) -> str:
-    vals = _top1s(summary, hard)
+def cell(summary: dict | None, hard: bool = False) -> str:
+    vals = top1s(summary, hard)
     if not vals:
         return "-"
     if len(vals) == 1:
@@ -85,7 +85,7 @@ def results_table(results: dict) -> str:
         s = results.get(key)
         if s:
             top5 = s.get("top5_mean", s.get("top5"))
-            lines.append(f"| {name} | {_cell(s)} | {_cell(s, hard=True)} | {top5:.2f} |")
+            lines.append(f"| {name} | {cell(s)} | {cell(s, hard=True)} | {top5:.2f} |")
     for key, label in (("soft", proto.get("label_mode")), ("hard", "hard")):
         gain = results.get("gain_over_random" + ("_hard" if key == "hard" else ""))
         if gain is None:

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info, markdown_table  # noqa: E402
+
+from engine.report import cell, top1s  # noqa: E402
 
 RECIPE = "configs/demo/fashion_scdd.yaml"
 RESULTS = ROOT / "tools" / "bench" / "results" / "ablation"
@@ -108,19 +109,9 @@ def cmd_row(a) -> None:
               f"{wall:.0f} s -> {dest.relative_to(ROOT)}", flush=True)
 
 
-def _vals(summary, hard=False):
-    if not summary:
-        return []
-    if hard:
-        return list((summary.get("hard") or {}).get("top1s", []))
-    return [r["top1"] for r in summary.get("runs", [])]
-
-
 def _fmt(summary, hard=False) -> str:
-    v = _vals(summary, hard)
-    if not v:
-        return "-"
-    return f"{statistics.fmean(v):.2f}" + (f" +- {statistics.stdev(v):.2f}" if len(v) > 1 else "") + f" (n={len(v)})"
+    n = len(top1s(summary, hard))
+    return cell(summary, hard) + (f" (n={n})" if n else "")
 
 
 def cmd_table(a) -> None:
