@@ -42,7 +42,7 @@ def check_init(scfg) -> None:
 @torch.no_grad()
 def teacher_outputs(teacher, images: torch.Tensor, mean, std, device, batch: int = 256):
     """(softmax probabilities, penultimate features) of uint8 images (N, C, H, W), eval mode."""
-    from .scdd import _last_linear
+    from .scdd import last_linear
 
     was = teacher.training
     teacher.eval()
@@ -50,7 +50,7 @@ def teacher_outputs(teacher, images: torch.Tensor, mean, std, device, batch: int
     m = torch.tensor([float(v) for v in mean]).view(1, C, 1, 1)
     s = torch.tensor([float(v) for v in std]).view(1, C, 1, 1)
     probs, feats = [], []
-    hook = _last_linear(teacher).register_forward_hook(lambda mod, i, o: feats.append(i[0].float().cpu()))
+    hook = last_linear(teacher).register_forward_hook(lambda mod, i, o: feats.append(i[0].float().cpu()))
     try:
         for i in range(0, len(images), batch):
             x = ((images[i:i + batch].float() / 255 - m) / s).to(device)
@@ -87,11 +87,16 @@ def kmeans_order(feats: torch.Tensor, k: int, seed: int) -> list[int]:
 
 def class_picks(cfg, locs, classes, labels_cache, teacher=None, device="cpu") -> dict:
     """Per class: (keys, scores) of the images IPC indices 0 .. ipc-1 start from (scores None for random)."""
+    return _choose(cfg, locs, classes, labels_cache, teacher, device)[0]
+
+
+def _choose(cfg, locs, classes, labels_cache, teacher, device) -> tuple[dict, dict | None]:
+    """(class_picks' answer, the images the choice decoded by key, or None when it decoded none)."""
     keys, labels = labels_cache()
     ipc, scfg = int(cfg.synth.ipc), cfg.synth.scdd
     if scfg.init_select == "random":
         picks = pick_per_class(labels, classes, ipc, cfg.seed, "scdd-init")
-        return {c: ([keys[i] for i in picks[c]], None) for c in classes}
+        return {c: ([keys[i] for i in picks[c]], None) for c in classes}, None
     pools = {}
     for c in classes:
         size = max(ipc, min(int(scfg.init_pool) * ipc, int(np.sum(labels == c))))
@@ -109,15 +114,16 @@ def class_picks(cfg, locs, classes, labels_cache, teacher=None, device="cpu") ->
         else:
             order = torch.argsort(-conf, stable=True)[:ipc].tolist()  # ties: pool order
         out[c] = ([pool[i] for i in order], [round(float(conf[i]), 6) for i in order])
-    return out
+    return out, imgs
 
 
 def real_init(cfg, locs, unit, labels_cache, teacher=None, device="cpu"):
     """(uint8 images class-major (len(classes) * n_ipc, C, H, W), their keys, their scores or None)."""
-    per_class = class_picks(cfg, locs, unit.classes, labels_cache, teacher, device)
+    per_class, imgs = _choose(cfg, locs, unit.classes, labels_cache, teacher, device)
     sl = slice(unit.ipc_start, unit.ipc_end)
     chosen = [k for c in unit.classes for k in per_class[c][0][sl]]
-    scores = None if cfg.synth.scdd.init_select == "random" else \
-        [s for c in unit.classes for s in per_class[c][1][sl]]
-    imgs = load_images(locs["train"], cfg.data.train_split, chosen, cfg.data.channels)
+    scored = per_class[unit.classes[0]][1] is not None
+    scores = [s for c in unit.classes for s in per_class[c][1][sl]] if scored else None
+    if imgs is None:  # a random choice decoded nothing yet; a scored one decoded its whole pool
+        imgs = load_images(locs["train"], cfg.data.train_split, chosen, cfg.data.channels)
     return torch.stack([imgs[k] for k in chosen]), chosen, scores

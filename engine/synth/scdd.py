@@ -275,11 +275,11 @@ def teacher_num_classes(model: nn.Module) -> int | None:
     n = getattr(model, "num_classes", None)
     if isinstance(n, int) and n > 0:
         return n
-    last = _last_linear(model)
+    last = last_linear(model)
     return last.out_features if last is not None else None
 
 
-def _last_linear(model: nn.Module) -> nn.Linear | None:
+def last_linear(model: nn.Module) -> nn.Linear | None:
     last = None
     for m in model.modules():
         if isinstance(m, nn.Linear):
@@ -406,7 +406,7 @@ def recover(teacher: nn.Module, classes: list[int], ipc_range: tuple[int, int], 
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else None
     r_div = float(getattr(cfg, "r_div", 0.0))
     feats: list[torch.Tensor] = []
-    head = _last_linear(teacher) if r_div > 0 and G > 1 else None
+    head = last_linear(teacher) if r_div > 0 and G > 1 else None
     if r_div > 0 and G > 1 and head is None:
         raise EngineError("synth.scdd.r_div: the teacher has no final Linear layer to take features from")
     feat_hook = head.register_forward_hook(lambda m, i, o: feats.append(i[0])) if head is not None else None
