@@ -143,3 +143,19 @@ def test_kmeans_order_takes_one_image_per_cluster_nearest_its_centre_largest_fir
         mean = feats[members].mean(0)
         assert i == min(members, key=lambda n: float((feats[n] - mean).square().sum()))
     assert kmeans_order(feats, 3, seed=1) == order  # seeded
+
+
+@pytest.mark.parametrize("recipe", ["configs/demo/fashion_scdd.yaml", "configs/imagenet1k/scdd_r18_ipc50.yaml"])
+def test_scdd_recipes_use_the_chosen_default_kmeans_real_starts(recipe):
+    """Issue 7: both SC-DD recipes start from k-means real images, recover with at least 500
+    iterations, and the ImageNet one plans 100 units of 100 classes x 5 IPC indices."""
+    from engine.config import load_config
+    from engine.synth.realinit import check_init
+
+    cfg = load_config(recipe)
+    s = cfg.synth.scdd
+    check_init(s)
+    assert (s.init, s.init_select, s.init_pool) == ("real", "kmeans", 20) and s.iterations >= 500
+    if cfg.synth.ipc == 50:
+        units = plan_units("synthesize", 1000, cfg.synth.ipc, cfg.synth.class_block, cfg.synth.ipc_per_unit)
+        assert len(units) == 100 and {(u.ipc_end - u.ipc_start) for u in units} == {5}
