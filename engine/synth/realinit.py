@@ -73,7 +73,9 @@ def kmeans_order(feats: torch.Tensor, k: int, seed: int) -> list[int]:
 
     x = feats.double().numpy()
     km = KMeans(n_clusters=k, n_init=3, random_state=seed % (2 ** 32)).fit(x)
-    d = ((x[:, None, :] - km.cluster_centers_[None]) ** 2).sum(2)  # (N, k)
+    # (N, k) squared distances, one centre at a time: no (N, k, D) temporary (at ImageNet scale
+    # 1000 pool images x 50 centres x 512 features would be 200 MB per class)
+    d = np.stack([((x - c) ** 2).sum(1) for c in km.cluster_centers_], axis=1)
     sizes = np.bincount(km.labels_, minlength=k)
     chosen, taken = [], set()
     for j in sorted(range(k), key=lambda j: (-sizes[j], j)):
